@@ -1,0 +1,268 @@
+"""Benchmark stage: latency and throughput of every runtime through the one Runner interface.
+
+Method (see benchmarks/README.md): the same uint8 batch goes to every runtime; `warmup` untimed
+calls; then timed calls until both `iterations` and `min_seconds` are reached; each call is timed
+with time.perf_counter and returns host arrays (CUDA runners synchronise before returning), so
+every figure includes the same work. torch and onnxruntime get the same thread count.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.bundle import Bundle
+from toolkit.env import environment, usable_cpus
+from toolkit.errors import RtkError
+from toolkit.fileio import write_json, write_text
+from toolkit.preprocess import PreprocessSpec
+
+UNSTABLE_CV = 0.10
+SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    runtimes: tuple[str, ...] | None = None
+    batch_sizes: tuple[int, ...] = (1, 8)
+    warmup: int = 10
+    iterations: int = 50
+    min_seconds: float = 2.0
+    threads: int | None = None
+    sweep: bool = False
+    cuda_graph: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise RtkError("--batch-size values must be at least 1")
+        if self.warmup < 0 or self.iterations < 1 or self.min_seconds < 0:
+            raise RtkError("--warmup must be >= 0, --iterations >= 1, --min-seconds >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise RtkError("--threads must be at least 1")
+
+    @property
+    def thread_count(self) -> int:
+        return self.threads or usable_cpus()
+
+
+def latency_stats(seconds: list[float], batch: int) -> dict[str, float]:
+    """Summary of per-call latencies (ms), throughput from the mean, and the coefficient of variation."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    mean = float(ms.mean())
+    p = np.percentile(ms, [50, 90, 95, 99])
+    return {
+        "iterations": len(ms), "mean_ms": mean, "std_ms": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
+        "min_ms": float(ms.min()), "p50_ms": float(p[0]), "p90_ms": float(p[1]), "p95_ms": float(p[2]),
+        "p99_ms": float(p[3]), "max_ms": float(ms.max()), "images_per_second": batch * 1e3 / mean,
+        "cv": (float(ms.std(ddof=1)) / mean if len(ms) > 1 and mean > 0 else 0.0),
+    }
+
+
+def time_runner(call: Callable[[Any], Any], prepared: Any, warmup: int, iterations: int, min_seconds: float) -> list[float]:
+    for _ in range(warmup):
+        call(prepared)
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < iterations or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        call(prepared)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+class PeakMemory:
+    """Peak resident memory of this process over a span: resets Linux's high-water mark when it can."""
+
+    def __init__(self) -> None:
+        self.resettable = False
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            self.resettable = True
+        except OSError:
+            pass
+
+    @staticmethod
+    def read_mb() -> float:
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cuda_sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure each (runtime, artifact) at each batch size; returns {environment, config, results}."""
+    import torch
+
+    from toolkit.checkpoint import source_from_manifest
+    from toolkit.runners import Runner, RunOptions, Skipped, plan, require_named
+
+    bundle = Bundle.open(bundle_path)
+    spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
+    threads = config.thread_count
+    torch.set_num_threads(threads)
+    options = RunOptions(threads=threads, tf32=False, cuda_graph=config.cuda_graph)
+    entries = plan(bundle, list(config.runtimes) if config.runtimes else None,
+                   lambda: (source_from_manifest(bundle.manifest)[0], spec), options)
+    require_named(entries, list(config.runtimes) if config.runtimes else None)
+    rng = np.random.default_rng(config.seed)
+    batches = {b: rng.integers(0, 256, (b, spec.crop_size, spec.crop_size, 3), dtype=np.uint8)
+               for b in sorted(set(config.batch_sizes) | (set(SWEEP_BATCHES) if config.sweep else set()))}
+    results: list[dict[str, Any]] = []
+    for entry in entries:
+        base = {"runtime": entry.runtime, "artifact": entry.artifact, "precision": entry.precision}
+        if isinstance(entry, Skipped):
+            results.append({**base, "skipped": True, "reason": entry.reason})
+            echo(f"{entry.runtime:<19} {entry.artifact:<16} skipped: {entry.reason}")
+            continue
+        assert isinstance(entry, Runner)
+        memory = PeakMemory()
+        start = time.perf_counter()
+        try:
+            entry.load()
+            entry(batches[min(batches)])  # the first result: cold start ends here
+        except Exception as exc:  # RuntimeUnavailable, or a library error on this machine
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            results.append({**base, "skipped": True, "reason": reason})
+            echo(f"{entry.runtime:<19} {entry.artifact:<16} skipped: {reason}")
+            continue
+        cold = time.perf_counter() - start
+        if entry.runtime.endswith("cuda") or entry.runtime in ("eager-fp16", "ort-cuda-iobinding", "ort-tensorrt"):
+            _cuda_sync()
+            torch.cuda.reset_peak_memory_stats()
+        for b in config.batch_sizes:
+            prepared = entry.prepare(batches[b])
+            samples = time_runner(entry.run_prepared, prepared, config.warmup, config.iterations, config.min_seconds)
+            stats = latency_stats(samples, b)
+            record = {**base, "batch_size": b, **stats, "cold_start_s": cold, "threads": threads, "skipped": False,
+                      "unstable": stats["cv"] > UNSTABLE_CV, "peak_rss_mb": round(PeakMemory.read_mb(), 1),
+                      "peak_rss_scope": "this runtime" if memory.resettable else "process so far",
+                      "details": dict(entry.details)}
+            if torch.cuda.is_available():
+                record["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            results.append(record)
+            echo(_row(record))
+        if config.sweep:
+            results.extend(sweep(entry, bundle, batches, config, echo))
+        del entry
+    add_speedups(results)
+    env = environment()
+    env["threads"] = {"requested": threads, "torch": torch.get_num_threads(), "onnxruntime_intra_op": threads,
+                      "onnxruntime_inter_op": 1}
+    return {"environment": env, "config": asdict(config), "bundle": str(bundle.root),
+            "arch": bundle.manifest["arch"], "image_size": spec.crop_size, "results": results}
+
+
+def sweep(runner, bundle: Bundle, batches: dict[int, np.ndarray], config: BenchConfig, echo) -> list[dict[str, Any]]:
+    """Try thread counts x batch sizes for one runtime; report its best latency and best throughput."""
+    import dataclasses
+
+    import torch
+
+    counts = sorted({t for t in (1, 2, 4, 8, 16, 32, usable_cpus()) if t <= usable_cpus()})
+    trials = []
+    for threads in counts:
+        torch.set_num_threads(threads)
+        r = dataclasses.replace(runner, options=dataclasses.replace(runner.options, threads=threads, profile_placement=False),
+                                details={})
+        r.load()
+        for b in SWEEP_BATCHES:
+            samples = time_runner(r.run_prepared, r.prepare(batches[b]), max(2, config.warmup // 2),
+                                  max(5, config.iterations // 4), config.min_seconds / 4)
+            trials.append({"threads": threads, "batch_size": b, **latency_stats(samples, b)})
+    torch.set_num_threads(config.thread_count)
+    best_latency = min(trials, key=lambda t: t["p50_ms"])
+    best_throughput = max(trials, key=lambda t: t["images_per_second"])
+    echo(f"{runner.runtime:<19} {runner.artifact:<16} sweep: best latency {best_latency['p50_ms']:.2f} ms "
+         f"(batch {best_latency['batch_size']}, {best_latency['threads']} threads); best throughput "
+         f"{best_throughput['images_per_second']:.1f} img/s (batch {best_throughput['batch_size']}, {best_throughput['threads']} threads)")
+    return [{"runtime": runner.runtime, "artifact": runner.artifact, "precision": runner.precision, "sweep": True,
+             "skipped": False, "best_latency": best_latency, "best_throughput": best_throughput, "trials": trials}]
+
+
+def add_speedups(results: list[dict[str, Any]]) -> None:
+    """speedup_vs_eager: eager fp32's p50 over this record's p50 at the same batch size."""
+    eager = {r["batch_size"]: r["p50_ms"] for r in results
+             if r["runtime"] == "eager" and not r["skipped"] and "batch_size" in r}
+    for r in results:
+        if not r["skipped"] and "batch_size" in r:
+            r["speedup_vs_eager"] = eager[r["batch_size"]] / r["p50_ms"] if r["batch_size"] in eager else None
+
+
+COLUMNS = ("runtime", "artifact", "precision", "batch_size", "mean_ms", "std_ms", "min_ms", "p50_ms", "p90_ms", "p95_ms",
+           "p99_ms", "max_ms", "images_per_second", "speedup_vs_eager", "cv", "cold_start_s", "peak_rss_mb", "threads",
+           "skipped", "reason")
+
+
+def _row(r: dict[str, Any]) -> str:
+    warn = f"  UNSTABLE (cv {100 * r['cv']:.0f}%)" if r.get("unstable") else ""
+    return (f"{r['runtime']:<19} {r['artifact']:<16} {r['precision']:<5} b={r['batch_size']:<4} p50 {r['p50_ms']:8.2f} ms  "
+            f"p90 {r['p90_ms']:8.2f}  p99 {r['p99_ms']:8.2f}  {r['images_per_second']:8.1f} img/s  cold {r['cold_start_s']:.2f}s{warn}")
+
+
+def table(report: dict[str, Any], fmt: str = "text") -> str:
+    """The results as an aligned text table or GitHub markdown."""
+    rows = [r for r in report["results"] if "batch_size" in r and not r["skipped"]]
+    head = ["runtime", "artifact", "precision", "batch", "mean ms", "p50 ms", "p90 ms", "p99 ms", "img/s",
+            "vs eager", "cv", "cold s", "peak RSS MB"]
+    body = [[r["runtime"], r["artifact"], r["precision"], str(r["batch_size"]), f"{r['mean_ms']:.2f}", f"{r['p50_ms']:.2f}",
+             f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['images_per_second']:.1f}",
+             f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-",
+             f"{100 * r['cv']:.1f}%" + (" !" if r["unstable"] else ""), f"{r['cold_start_s']:.2f}", f"{r['peak_rss_mb']:.0f}"]
+            for r in rows]
+    skipped = [r for r in report["results"] if r["skipped"]]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body]
+        lines += [f"\nSkipped: `{r['runtime']}` {r['artifact']}: {r['reason']}" for r in skipped]
+        lines += ["\n`!` marks a coefficient of variation above 10%: do not quote that figure."] if any(r["unstable"] for r in rows) else []
+        return "\n".join(lines)
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in [head, *body]]
+    lines += [f"skipped {r['runtime']} {r['artifact']}: {r['reason']}" for r in skipped]
+    unstable = [r for r in rows if r["unstable"]]
+    if unstable:
+        lines.append(f"warning: {len(unstable)} figures have a coefficient of variation above {UNSTABLE_CV:.0%} (marked !): "
+                     "rerun with more --min-seconds or on a quieter machine before quoting them")
+    return "\n".join(lines)
+
+
+def to_csv(report: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(r for r in report["results"] if "batch_size" in r or r["skipped"])
+    return buf.getvalue()
+
+
+def write_outputs(report: dict[str, Any], json_path=None, csv_path=None, markdown_path=None) -> None:
+    if json_path:
+        write_json(json_path, report)
+    if csv_path:
+        write_text(csv_path, to_csv(report))
+    if markdown_path:
+        env = report["environment"]
+        header = (f"# {report['arch']} at {report['image_size']} px\n\nCPU: {env['cpu']['model']} "
+                  f"({env['cpu']['usable_cpus']} usable CPUs, AMX {env['cpu']['amx']}); GPU: "
+                  f"{env['cuda'].get('name', 'none')}; threads {env['threads']['requested']}; torch "
+                  f"{env['versions']['torch']}, onnxruntime {env['versions']['onnxruntime']}\n\n")
+        write_text(markdown_path, header + table(report, "markdown") + "\n")

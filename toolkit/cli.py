@@ -1,0 +1,296 @@
+"""The `rtk` command line: parse options, call one library function, print.
+
+Heavy libraries (torch, onnx, onnxruntime) are imported inside the commands so `rtk --help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from toolkit import __version__
+from toolkit.errors import RtkError
+
+
+class _RtkFailure(click.ClickException):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RtkGroup(click.Group):
+    """Turns the toolkit's own errors into a one-line message and the error's exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RtkError as exc:
+            raise _RtkFailure(str(exc), exc.exit_code) from None
+
+
+@click.group(cls=RtkGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="rtk")
+def main() -> None:
+    """rtk: fine-tune a torchvision ResNet, export it with the preprocessing inside, prove the export
+    matches, benchmark it, and serve it without torch.
+
+    \b
+    Pipeline: rtk data digits -> rtk train -> rtk export -> rtk verify -> rtk benchmark -> rtk predict
+    """
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor(as_json: bool) -> None:
+    """Versions, CPU features, CUDA and onnxruntime providers. Exit 1 if something needed is broken."""
+    from toolkit.env import doctor_report
+
+    report = doctor_report()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"rtk {report['toolkit']}  python {report['python']}  {report['platform']}")
+        for name, version in report["versions"].items():
+            click.echo(f"  {name:<12} {version or 'not installed'}")
+        ort = report["onnxruntime"]
+        click.echo(f"onnxruntime providers: {', '.join(ort.get('providers') or []) or 'none'}")
+        cuda = report["cuda"]
+        click.echo("CUDA: " + (f"{cuda['name']} (capability {cuda['capability']}, {cuda['memory_gib']} GiB, "
+                               f"driver {cuda.get('driver')})" if cuda["available"] else f"not usable ({cuda['reason']})"))
+        cpu = report["cpu"]
+        click.echo(f"CPU: {cpu['model']}; {cpu['usable_cpus']} of {cpu['logical_cpus']} CPUs usable; "
+                   f"AVX-512 {_yes(cpu['avx512'])}, AVX512-BF16 {_yes(cpu['avx512_bf16'])}, AMX {_yes(cpu['amx'])}")
+        for w in report["warnings"]:
+            click.echo(f"warning: {w}")
+        for p in report["problems"]:
+            click.echo(f"problem: {p}")
+    if report["problems"]:
+        sys.exit(1)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+@main.group()
+def data() -> None:
+    """Built-in datasets."""
+
+
+@data.command("digits")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--size", default=64, show_default=True, help="Side of the written images (upscaled from 8x8).")
+@click.option("--val-fraction", default=0.2, show_default=True, help="Share of each class held out in val/.")
+@click.option("--seed", default=0, show_default=True)
+def data_digits(out: Path, size: int, val_fraction: float, seed: int) -> None:
+    """Write scikit-learn's handwritten digits (1,797 images, 10 classes) as an RGB ImageFolder."""
+    from toolkit.data import write_digits
+
+    counts = write_digits(out, size=size, val_fraction=val_fraction, seed=seed)
+    click.echo(f"wrote {counts['train']} train and {counts['val']} val images ({size}x{size}) to {out}")
+
+
+@main.command("train")
+@click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Folder for checkpoints and metrics.")
+@click.option("--arch", default="resnet18", show_default=True, help="Any torchvision ResNet (resnet18 ... resnext101_64x4d).")
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help="DEFAULT, a weights name (IMAGENET1K_V1, IMAGENET1K_V2), a file (state dict or rtk checkpoint), or none.")
+@click.option("--reset-head", is_flag=True, help="Load all weights but the final fc layer (another class count).")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate of the new head.")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--warmup-epochs", default=1.0, show_default=True, help="Linear warm-up, then cosine decay to zero.")
+@click.option("--label-smoothing", default=0.1, show_default=True)
+@click.option("--freeze-backbone", is_flag=True, help="Train the head only (until --unfreeze-at).")
+@click.option("--unfreeze-at", type=int, default=None, help="Epoch (from 1) at which a frozen backbone starts learning.")
+@click.option("--backbone-lr-scale", default=1.0, show_default=True,
+              help="Backbone learning rate as a share of --lr; 0.1 keeps pretrained features from drifting.")
+@click.option("--image-size", default=224, show_default=True, help="Crop side fed to the network.")
+@click.option("--resize-size", type=int, default=None, help="Eval resize of the shorter side [image-size / 0.875].")
+@click.option("--crop-scale", default=0.35, show_default=True,
+              help="Lower area bound of RandomResizedCrop. torchvision's ImageNet 0.08 is too aggressive for small "
+                   "or low-resolution datasets; lower it only for large, varied data.")
+@click.option("--hflip/--no-hflip", default=True, show_default=True,
+              help="Random horizontal flips; turn off when mirror images mean something else (digits, text).")
+@click.option("--val-split", default=0.2, show_default=True, help="Held-out share when DATA has no train/ and val/.")
+@click.option("--workers", type=int, default=None, help="Data loader processes [from the usable CPUs].")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16, fp16 AMP on CUDA, else fp32.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--strict", is_flag=True, help="Fail on an undecodable image instead of skipping it.")
+@click.option("--resume", type=click.Path(path_type=Path), default=None,
+              help="Continue from DIR/last.pt with its saved options (--epochs may extend the run).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def train_cmd(ctx: click.Context, data_dir: Path, output: Path, resume: Path | None, quiet: bool, **options) -> None:
+    """Fine-tune a torchvision ResNet on an ImageFolder (DATA/train + DATA/val, or DATA/<class>/...).
+
+    Defaults suit small datasets: AdamW, warm-up then cosine, label smoothing 0.1, crops covering at
+    least 35% of the image. Writes checkpoint.pt (best val top-1), last.pt, history.csv, metrics.json.
+    """
+    from toolkit.train import TrainConfig, train
+
+    if resume is not None and ctx.get_parameter_source("epochs") != click.core.ParameterSource.COMMANDLINE:
+        options["epochs"] = 1  # keep the saved run's epoch count unless --epochs is given
+    config = TrainConfig(**options)
+    metrics = train(data_dir, output, config, resume=resume, echo=click.echo, progress=not quiet)
+    click.echo(f"best val top-1 {metrics['best_val_top1']:.4f} (epoch {metrics['best_epoch']}), "
+               f"top-5 {metrics['best_val_top5']:.4f}; {metrics['train_seconds']:.1f}s, "
+               f"{metrics['images_per_second']:.1f} img/s; wrote {output}/checkpoint.pt")
+
+
+@main.command("export")
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["onnx", "torchscript", "pt2"]),
+              help="Repeatable [onnx, torchscript, pt2].")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="ONNX precisions, repeatable [fp32]. int8 needs --calibration-data.")
+@click.option("--opset", default=18, show_default=True)
+@click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True,
+              help="dynamo: torch.onnx.export(dynamo=True); legacy: the TorchScript-based exporter.")
+@click.option("--softmax", is_flag=True, help="Add a second output, probabilities.")
+@click.option("--calibration-data", type=click.Path(), default=None, help="Images or an ImageFolder for int8.")
+@click.option("--calibration-size", default=200, show_default=True)
+@click.option("--arch", default=None, help="With no CHECKPOINT: export torchvision weights; with a plain state dict: its arch.")
+@click.option("--weights", default=None, help="torchvision weights for --arch (DEFAULT, IMAGENET1K_V1, ...).")
+@click.option("--num-classes", type=int, default=None, help="Classes of a plain state dict.")
+@click.option("--image-size", type=int, default=None, help="Crop size for a plain state dict [224].")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Run rtk verify on the new bundle.")
+def export_cmd(checkpoint: Path | None, output: Path, formats: tuple[str, ...], precisions: tuple[str, ...], opset: int,
+               exporter: str, softmax: bool, calibration_data: str | None, calibration_size: int, arch: str | None,
+               weights: str | None, num_classes: int | None, image_size: int | None, force: bool, verify: bool) -> None:
+    """Export CHECKPOINT (or torchvision --arch/--weights) to a bundle: model.onnx, model.ts, model.pt2,
+    labels.txt, manifest.json. Input: uint8 [N, S, S, 3] RGB; the preprocessing is inside the graph."""
+    from toolkit.export import ExportConfig, export_bundle
+
+    config = ExportConfig(formats=formats or ("onnx", "torchscript", "pt2"), precisions=precisions or ("fp32",),
+                          opset=opset, exporter=exporter, softmax=softmax, calibration_data=calibration_data,
+                          calibration_size=calibration_size, force=force, verify=verify)
+    export_bundle(output, config, checkpoint, arch, weights, num_classes, image_size, echo=click.echo)
+    click.echo(f"bundle written to {output}")
+    if verify:
+        _run_verify(output, images=calibration_data, random_images=config.verify_random, checkpoint=None)
+
+
+
+@main.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Reference checkpoint [the one the manifest names, sha256 checked].")
+@click.option("--images", type=click.Path(), default=None, help="Image files, a folder, or an ImageFolder (gives accuracy).")
+@click.option("--random", "random_images", type=int, default=None, help="Add N random uint8 images [16 without --images].")
+@click.option("--runtime", "runtimes", multiple=True, help="Only these runtimes (repeatable) [every one available].")
+@click.option("--atol", default=1e-4, show_default=True, help="fp32 allclose atol.")
+@click.option("--rtol", default=1e-3, show_default=True, help="fp32 allclose rtol.")
+@click.option("--fp16-min-top1", default=0.995, show_default=True, help="fp16/bf16 minimum top-1 agreement.")
+@click.option("--int8-min-top1", default=0.97, show_default=True, help="int8 minimum top-1 agreement.")
+@click.option("--int8-max-accuracy-drop", default=0.01, show_default=True, help="int8 maximum accuracy drop (fraction).")
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the records as JSON.")
+def verify_cmd(bundle: Path, checkpoint: Path | None, images: str | None, random_images: int | None, runtimes: tuple[str, ...],
+               atol: float, rtol: float, fp16_min_top1: float, int8_min_top1: float, int8_max_accuracy_drop: float,
+               threads: int | None, json_path: Path | None) -> None:
+    """Prove every artifact in BUNDLE matches the eager model. Exit 0 all pass, 1 any fails, 2 usage error."""
+    from toolkit.verify import Gates
+
+    gates = Gates(atol=atol, rtol=rtol, half_top1=fp16_min_top1, int8_top1=int8_min_top1,
+                  int8_max_accuracy_drop=int8_max_accuracy_drop)
+    random_images = random_images if random_images is not None else (0 if images else 16)
+    _run_verify(bundle, images, random_images, checkpoint, runtimes=list(runtimes) or None, gates=gates,
+                threads=threads, json_path=json_path)
+
+
+def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **options) -> None:
+    from toolkit.errors import CheckFailed
+    from toolkit.fileio import write_json
+    from toolkit.verify import format_report, verify_bundle
+
+    report = verify_bundle(bundle, images=images, random_images=random_images, checkpoint=checkpoint, **options)
+    click.echo(format_report(report))
+    if json_path:
+        write_json(json_path, report)
+    if not report["passed"]:
+        failed = [f"{r['artifact']} on {r['runtime']} ({', '.join(r['failed_metrics'])})" for r in report["records"] if not r["passed"]]
+        raise CheckFailed("verification failed: " + ("; ".join(failed) or "in-graph preprocessing differs from Normalize"))
+
+
+@main.command("benchmark")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--runtime", "runtimes", multiple=True, help="Repeatable [every runtime available here].")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Repeatable [1 and 8].")
+@click.option("--warmup", default=10, show_default=True)
+@click.option("--iterations", default=50, show_default=True, help="At least this many timed calls ...")
+@click.option("--min-seconds", default=2.0, show_default=True, help="... and at least this long.")
+@click.option("--threads", type=int, default=None, help="torch and onnxruntime threads [CPUs in this process's affinity].")
+@click.option("--sweep", is_flag=True, help="Also try thread counts x batch sizes; report best latency and throughput.")
+@click.option("--cuda-graph", is_flag=True, help="onnxruntime CUDA graphs for the IO-binding runtime.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None)
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None)
+def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], batch_sizes: tuple[int, ...], warmup: int, iterations: int,
+                  min_seconds: float, threads: int | None, sweep: bool, cuda_graph: bool, json_path: Path | None,
+                  csv_path: Path | None, markdown_path: Path | None) -> None:
+    """Latency and throughput of BUNDLE on every runtime; unavailable runtimes are listed with the reason."""
+    from toolkit.benchmark import BenchConfig, run_benchmark, table, write_outputs
+
+    config = BenchConfig(runtimes=runtimes or None, batch_sizes=batch_sizes or (1, 8), warmup=warmup,
+                         iterations=iterations, min_seconds=min_seconds, threads=threads, sweep=sweep, cuda_graph=cuda_graph)
+    report = run_benchmark(bundle, config, echo=click.echo)
+    click.echo("")
+    click.echo(table(report))
+    write_outputs(report, json_path, csv_path, markdown_path)
+
+
+@main.command("predict")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", default=5, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--provider", "providers", multiple=True, help="onnxruntime provider: cpu, cuda, tensorrt or a full name [cpu].")
+@click.option("--threads", type=int, default=None)
+@click.option("--self-test", is_flag=True, help="Check the model against the outputs stored at export first.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with every prediction.")
+def predict_cmd(bundle: Path, images: tuple[Path, ...], top_k: int, batch_size: int, providers: tuple[str, ...],
+                threads: int | None, self_test: bool, as_json: bool) -> None:
+    """Classify image files or folders with the torch-free runtime. Exit 1 if any image failed."""
+    from toolkit.preprocess import list_images
+    from toolkit.runtime import Classifier
+
+    clf = Classifier.load(bundle, providers=providers or None, threads=threads, self_test=self_test)
+    paths = [p for item in images for p in list_images(item)]
+    predictions = clf.predict(paths, top_k=top_k, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps({"model": str(clf.path), "providers": clf.providers,
+                               "predictions": [p.to_dict() for p in predictions]}, indent=2))
+    else:
+        for p in predictions:
+            click.echo(f"{p.source}\t{p.labels[0]}\t{p.scores[0]:.4f}" if p.ok else f"{p.source}\terror: {p.error}")
+    failed = [p for p in predictions if not p.ok]
+    if failed:
+        click.echo(f"{len(failed)} of {len(predictions)} images failed", err=True)
+        sys.exit(1)
+
+
+@main.command("demo")
+@click.option("--output", "-o", default="artifacts/demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--arch", default="resnet18", show_default=True)
+@click.option("--epochs", default=8, show_default=True)
+@click.option("--image-size", default=32, show_default=True, help="Side of the digits images and of the crop.")
+@click.option("--min-seconds", default=1.0, show_default=True, help="Benchmark time per runtime and batch size.")
+def demo_cmd(output: Path, arch: str, epochs: int, image_size: int, min_seconds: float) -> None:
+    """The whole pipeline on the built-in digits: data, train, export, verify, benchmark, predict, report."""
+    from toolkit.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(output=output, arch=arch, epochs=epochs, image_size=image_size, min_seconds=min_seconds),
+             echo=click.echo)

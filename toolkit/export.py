@@ -1,0 +1,344 @@
+"""Export stage: TorchScript, torch.export and ONNX (fp32, fp16, int8) bundles with preprocessing in the graph.
+
+Every file is written into a staging folder that replaces the bundle folder only once every file
+was written and checked, so a failure never leaves a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolkit import __version__
+from toolkit.bundle import FORMATS, LABELS, MANIFEST, PRECISIONS, SELFTEST, file_name
+from toolkit.checkpoint import ModelSource, load_source
+from toolkit.env import library_versions
+from toolkit.errors import RtkError
+from toolkit.fileio import sha256_file, write_json, write_text
+from toolkit.graph import ImageClassifier
+from toolkit.preprocess import crop_array, list_images
+
+EXPORTERS = ("dynamo", "legacy")
+MIN_OPSET = {"dynamo": 18, "legacy": 11}
+CHECK_BATCHES = (1, 3, 16)
+SELFTEST_IMAGES = 8
+INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    formats: tuple[str, ...] = ("onnx", "torchscript", "pt2")
+    precisions: tuple[str, ...] = ("fp32",)
+    opset: int = 18
+    exporter: str = "dynamo"
+    softmax: bool = False
+    calibration_data: str | None = None
+    calibration_size: int = 200
+    example_batch: int = 2
+    force: bool = False
+    verify: bool = True
+    verify_random: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        import onnx
+
+        for f in self.formats:
+            if f not in FORMATS:
+                raise RtkError(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
+        for p in self.precisions:
+            if p not in PRECISIONS:
+                raise RtkError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+        if set(self.precisions) - {"fp32"} and "onnx" not in self.formats:
+            raise RtkError("fp16 and int8 are ONNX files: add --format onnx")
+        if self.exporter not in EXPORTERS:
+            raise RtkError(f"unknown exporter {self.exporter!r}; choose from {', '.join(EXPORTERS)}")
+        top = onnx.defs.onnx_opset_version()
+        if not MIN_OPSET[self.exporter] <= self.opset <= top:
+            raise RtkError(f"--opset {self.opset} is outside what the {self.exporter} exporter supports "
+                           f"({MIN_OPSET[self.exporter]} to {top})")
+        if "int8" in self.precisions and not self.calibration_data:
+            raise RtkError("--precision int8 needs --calibration-data DIR (images or an ImageFolder)")
+        if self.calibration_size < 1 or self.example_batch < 2:
+            raise RtkError("--calibration-size must be >= 1 and the example batch >= 2")
+
+
+def metadata(source: ModelSource, precision: str, softmax: bool) -> dict[str, str]:
+    """Key/values stored inside every model file, so a file alone says what it is."""
+    return {
+        "classes": json.dumps(list(source.classes)),
+        "num_classes": str(len(source.classes)),
+        "preprocess": json.dumps(source.preprocess.to_dict()),
+        "arch": source.arch,
+        "precision": precision,
+        "outputs": json.dumps(list(OUTPUT_NAMES[: 2 if softmax else 1])),
+        "source_sha256": source.sha256 or "",
+        "source_weights": source.weights or "",
+        "toolkit_version": __version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def calibration_crops(folder: str, size: int, spec, seed: int) -> np.ndarray:
+    """A seeded sample of `size` images from a folder or ImageFolder, decoded to uint8 crops."""
+    paths = list_images(folder)
+    if not paths:
+        raise RtkError(f"calibration folder {folder} holds no images")
+    random.Random(seed).shuffle(paths)
+    crops, bad = [], []
+    for p in paths:
+        if len(crops) == size:
+            break
+        try:
+            crops.append(crop_array(p, spec))
+        except RtkError as exc:
+            bad.append(str(exc))
+    if not crops:
+        raise RtkError(f"no image in {folder} decodes: {bad[0]}")
+    return np.stack(crops)
+
+
+# ---------------------------------------------------------------- writers
+
+
+def _example(spec, batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, spec.crop_size, spec.crop_size, 3), dtype=torch.uint8, generator=g)
+
+
+def write_onnx(module: ImageClassifier, example: torch.Tensor, path: Path, config: ExportConfig, meta: dict[str, str]) -> None:
+    import onnx
+
+    outputs = list(OUTPUT_NAMES[: 2 if module.softmax else 1])
+    tmp = path.with_suffix(".raw.onnx")
+    if config.exporter == "dynamo":
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=outputs,
+                                    opset_version=config.opset, dynamic_shapes={"image": {0: batch}}, verbose=False)
+        program.save(str(tmp), external_data=False)
+    else:
+        axes = {name: {0: "batch"} for name in [INPUT_NAME, *outputs]}
+        torch.onnx.export(module, (example,), str(tmp), dynamo=False, input_names=[INPUT_NAME], output_names=outputs,
+                          opset_version=config.opset, dynamic_axes=axes, do_constant_folding=True)
+    model = onnx.load(str(tmp))
+    tmp.unlink()
+    set_onnx_metadata(model, meta)
+    onnx.save(model, str(path))
+
+
+def set_onnx_metadata(model, meta: dict[str, str]) -> None:
+    import onnx
+
+    keep = [p for p in model.metadata_props if p.key not in meta]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep + [onnx.StringStringEntryProto(key=k, value=v) for k, v in meta.items()])
+    model.producer_name, model.producer_version = "rtk", __version__
+
+
+def write_fp16(fp32_path: Path, path: Path, meta: dict[str, str]) -> None:
+    """fp16 weights and activations; the uint8 input and float32 outputs stay as they are."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    set_onnx_metadata(model, meta)
+    onnx.save(model, str(path))
+
+
+def write_int8(fp32_path: Path, path: Path, crops: np.ndarray, meta: dict[str, str]) -> None:
+    """onnxruntime static quantization: pre-processing, then QDQ with per-channel int8 weights and
+    uint8 activations (the pairing onnxruntime recommends on x86), MinMax-calibrated on `crops`."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{INPUT_NAME: crops[i : i + 8]} for i in range(0, len(crops), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="rtk-int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    model = onnx.load(str(path))
+    set_onnx_metadata(model, meta)
+    onnx.save(model, str(path))
+
+
+def write_torchscript(module: ImageClassifier, example: torch.Tensor, path: Path, meta: dict[str, str]) -> None:
+    traced = torch.jit.trace(module, example, check_inputs=[(example[:1],)])
+    torch.jit.save(traced, str(path), _extra_files={f"{k}.txt": v for k, v in meta.items()})
+
+
+def write_pt2(module: ImageClassifier, example: torch.Tensor, path: Path, meta: dict[str, str]) -> None:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(module, (example,), dynamic_shapes={"image": {0: batch}})
+    torch.export.save(program, str(path), extra_files={f"{k}.txt": v for k, v in meta.items()})
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_onnx(path: Path) -> dict[str, Any]:
+    """Full checker, shape inference, and one onnxruntime run; returns the file's I/O contract."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+    except Exception as exc:
+        raise RtkError(f"{path.name} fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+    def contract(values) -> list[dict[str, Any]]:
+        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    return {"inputs": contract(inferred.graph.input), "outputs": contract(inferred.graph.output)}
+
+
+def reload_runner(path: Path, fmt: str):
+    """A function running the written file as a fresh reader would: onnxruntime, torch.jit or torch.export."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {INPUT_NAME: x.numpy()})
+    from toolkit.runners import load_pt2, load_torchscript
+
+    module = load_torchscript(path) if fmt == "torchscript" else load_pt2(path)
+
+    def run(x):
+        with torch.inference_mode():
+            out = module(x)
+        return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+
+    return run
+
+
+def check_dynamic_batch(path: Path, fmt: str, spec, num_classes: int, softmax: bool) -> None:
+    """Reload the file and run batches 1, 3 and 16: the batch dimension must really be dynamic."""
+    run = reload_runner(path, fmt)
+    for n in CHECK_BATCHES:
+        outs = run(_example(spec, n, seed=n))
+        if outs[0].shape != (n, num_classes) or outs[0].dtype != np.float32 or len(outs) != (2 if softmax else 1):
+            raise RtkError(f"{path.name}: batch {n} gave outputs {[o.shape for o in outs]}, expected [{n}, {num_classes}] float32")
+        if not np.isfinite(outs[0]).all():
+            raise RtkError(f"{path.name}: batch {n} gave non-finite logits")
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _prepare_output(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise RtkError(f"{output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise RtkError(f"{output} is not empty; pass --force to replace it")
+
+
+def _install(staging: Path, output: Path) -> None:
+    """Move the finished staging folder into place, replacing an old bundle only now."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{time.time_ns()}")
+        output.rename(old)
+    staging.chmod(0o755)  # mkdtemp makes it 0700
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Path | None = None, arch: str | None = None,
+                  weights: str | None = None, num_classes: int | None = None, image_size: int | None = None,
+                  echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write a bundle to `output` and return its manifest. Verification (on by default) follows."""
+    output = Path(output)
+    _prepare_output(output, config.force)
+    model, source = load_source(checkpoint, arch, weights, num_classes, image_size)
+    spec = source.preprocess
+    crops = (calibration_crops(config.calibration_data, config.calibration_size, spec, config.seed)
+             if config.calibration_data else None)
+    module = ImageClassifier(model, spec, softmax=config.softmax).eval()
+    example = _example(spec, config.example_batch, config.seed)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    files: dict[str, Any] = {}
+    try:
+        jobs: list[tuple[str, str, Callable[[Path, dict[str, str]], None]]] = []
+        if "onnx" in config.formats:
+            jobs.append(("onnx", "fp32", lambda p, m: write_onnx(module, example, p, config, m)))
+            onnx_fp32 = staging / file_name("onnx")
+            if "fp16" in config.precisions:
+                jobs.append(("onnx", "fp16", lambda p, m: write_fp16(onnx_fp32, p, m)))
+            if "int8" in config.precisions:
+                jobs.append(("onnx", "int8", lambda p, m: write_int8(onnx_fp32, p, crops, m)))
+        if "torchscript" in config.formats:
+            jobs.append(("torchscript", "fp32", lambda p, m: write_torchscript(module, example, p, m)))
+        if "pt2" in config.formats:
+            jobs.append(("pt2", "fp32", lambda p, m: write_pt2(module, example, p, m)))
+        for fmt, precision, write in jobs:
+            name = file_name(fmt, precision)
+            path = staging / name
+            start = time.perf_counter()
+            with torch.inference_mode(False), torch.no_grad():
+                write(path, metadata(source, precision, config.softmax))
+            seconds = time.perf_counter() - start
+            contract = check_onnx(path) if fmt == "onnx" else {
+                "inputs": [{"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", spec.crop_size, spec.crop_size, 3]}],
+                "outputs": [{"name": n, "dtype": "float32", "shape": ["batch", len(source.classes)]}
+                            for n in OUTPUT_NAMES[: 2 if config.softmax else 1]]}
+            check_dynamic_batch(path, fmt, spec, len(source.classes), config.softmax)
+            files[name] = {
+                "format": fmt, "precision": precision, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+                **contract, "opset": config.opset if fmt == "onnx" else None,
+                "exporter": (config.exporter if precision == "fp32" else f"{config.exporter} + onnxruntime "
+                             + ("float16" if precision == "fp16" else "quantize_static QDQ per-channel"))
+                if fmt == "onnx" else ("torch.jit.trace" if fmt == "torchscript" else "torch.export"),
+                "seconds": round(seconds, 3),
+            }
+            echo(f"wrote {name} ({files[name]['bytes'] / 1e6:.1f} MB, {seconds:.1f}s); batches {CHECK_BATCHES} ran")
+        selftest = _selftest(module, staging, files, spec, crops, config.seed)
+        write_text(staging / LABELS, "\n".join(source.classes) + "\n")
+        manifest = {
+            "format": "rtk-bundle", "version": 1, "toolkit_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "arch": source.arch, "classes": list(source.classes), "preprocess": spec.to_dict(),
+            "source": source.to_dict(), "softmax": config.softmax, "files": files,
+            "selftest": selftest, "versions": library_versions(),
+            "calibration": {"folder": str(config.calibration_data), "images": int(len(crops))} if crops is not None else None,
+        }
+        write_json(staging / MANIFEST, manifest)
+        _install(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _selftest(module: ImageClassifier, folder: Path, files: dict[str, Any], spec, crops: np.ndarray | None,
+              seed: int) -> dict[str, Any]:
+    """Store a few crops with the logits every file gives on them here, for `Classifier.load(self_test=True)`."""
+    images = crops[:SELFTEST_IMAGES] if crops is not None else _example(spec, SELFTEST_IMAGES, seed + 1).numpy()
+    arrays = {"images": images}
+    with torch.inference_mode():
+        out = module(torch.from_numpy(images))
+        arrays["eager"] = (out[0] if isinstance(out, tuple) else out).numpy()
+    for name, entry in files.items():
+        if entry["format"] == "onnx":
+            arrays[name] = reload_runner(folder / name, "onnx")(torch.from_numpy(images))[0]
+    np.savez_compressed(folder / SELFTEST, **arrays)
+    return {"file": SELFTEST, "images": int(len(images)), "from": "calibration images" if crops is not None else "random"}

@@ -1,0 +1,58 @@
+"""Atomic file writes and hashing (standard library only)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it over `final` only if the block succeeds.
+
+    A run killed at any moment leaves either the old file or the new one, never a truncated one.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp's 0600 would make bundles unreadable to a service user
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write(final: str | os.PathLike, writer: Callable[[Path], Any]) -> None:
+    """Call `writer(tmp_path)` and move the result to `final` atomically."""
+    with atomic_path(final) as tmp:
+        writer(tmp)
+
+
+def write_text(final: str | os.PathLike, text: str) -> None:
+    atomic_write(final, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_json(final: str | os.PathLike, data: Any) -> None:
+    write_text(final, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

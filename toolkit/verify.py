@@ -1,0 +1,328 @@
+"""Verify stage: every artifact of a bundle, on every runtime here, against the eager PyTorch model.
+
+The reference is the checkpoint's model fed by torchvision's own pipeline (Resize, CenterCrop,
+ToDtype, Normalize). Every runtime gets the same uint8 crops, so differences measure the runtimes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.bundle import Bundle
+from toolkit.errors import CheckFailed, RtkError
+from toolkit.preprocess import PreprocessSpec, list_images, open_image
+
+DEFAULT_RUNTIMES = ("eager", "eager-cuda", "eager-fp16", "torchscript", "torchscript-cuda", "torch-export",
+                    "torch-export-cuda", "ort-cpu", "ort-cuda", "ort-tensorrt")
+BATCH = 32
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Pass criteria by precision. fp32: allclose and identical top-1; fp16/bf16 and int8: agreement."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    fp32_top1: float = 1.0
+    half_top1: float = 0.995
+    int8_top1: float = 0.97
+    int8_max_accuracy_drop: float = 0.01
+    preprocess_atol: float = 1e-5
+
+
+@dataclass(frozen=True)
+class Inputs:
+    crops: np.ndarray  # uint8 [N, S, S, 3]
+    names: list[str]
+    labels: np.ndarray | None = None  # class indices in the bundle's order
+
+
+@dataclass
+class Record:
+    artifact: str
+    runtime: str
+    precision: str
+    images: int
+    max_abs_diff: float
+    max_rel_diff: float
+    mean_abs_diff: float
+    cosine_min: float
+    top1_agreement: float
+    top5_agreement: float
+    accuracy: float | None
+    reference_accuracy: float | None
+    accuracy_change: float | None
+    tolerance: dict[str, float]
+    passed: bool
+    failed_metrics: list[str] = field(default_factory=list)
+    atol_needed: float | None = None
+    top1_changed: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- metrics (plain numpy, tested on known arrays)
+
+
+def max_abs_diff(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.max(np.abs(a.astype(np.float64) - ref))) if a.size else 0.0
+
+
+def max_rel_diff(a: np.ndarray, ref: np.ndarray, floor: float = 1e-6) -> float:
+    """max |a - ref| / |ref|, with |ref| floored so exact zeros do not divide by zero."""
+    ref = ref.astype(np.float64)
+    return float(np.max(np.abs(a - ref) / np.maximum(np.abs(ref), floor))) if a.size else 0.0
+
+
+def mean_abs_diff(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean(np.abs(a.astype(np.float64) - ref))) if a.size else 0.0
+
+
+def cosine_min(a: np.ndarray, ref: np.ndarray) -> float:
+    """The lowest per-image cosine similarity of the two logit vectors (1.0 for two zero vectors)."""
+    a, ref = a.astype(np.float64), ref.astype(np.float64)
+    num = np.sum(a * ref, axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(ref, axis=1)
+    cos = np.where(den > 0, num / np.where(den > 0, den, 1), np.where(np.all(a == ref, axis=1), 1.0, 0.0))
+    return float(np.min(cos)) if len(cos) else 1.0
+
+
+def topk_sets(logits: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, logits.shape[1])
+    return np.sort(np.argsort(-logits, axis=1, kind="stable")[:, :k], axis=1)
+
+
+def top1_agreement(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean(a.argmax(1) == ref.argmax(1))) if len(a) else 1.0
+
+
+def top5_agreement(a: np.ndarray, ref: np.ndarray) -> float:
+    """Share of images whose five highest classes (as a set) are the same."""
+    return float(np.mean(np.all(topk_sets(a, 5) == topk_sets(ref, 5), axis=1))) if len(a) else 1.0
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(logits.argmax(1) == labels))
+
+
+def atol_needed(a: np.ndarray, ref: np.ndarray, rtol: float) -> float:
+    """The smallest atol for which allclose(a, ref, atol, rtol) holds."""
+    return float(max(0.0, np.max(np.abs(a.astype(np.float64) - ref) - rtol * np.abs(ref)))) if a.size else 0.0
+
+
+def compare(a: np.ndarray, ref: np.ndarray, names: list[str], labels: np.ndarray | None, precision: str,
+            gates: Gates) -> dict[str, Any]:
+    """All metrics of one output against the reference, and which gates fail."""
+    m: dict[str, Any] = {
+        "max_abs_diff": max_abs_diff(a, ref), "max_rel_diff": max_rel_diff(a, ref), "mean_abs_diff": mean_abs_diff(a, ref),
+        "cosine_min": cosine_min(a, ref), "top1_agreement": top1_agreement(a, ref), "top5_agreement": top5_agreement(a, ref),
+        "accuracy": None, "reference_accuracy": None, "accuracy_change": None,
+    }
+    if labels is not None:
+        m["accuracy"], m["reference_accuracy"] = accuracy(a, labels), accuracy(ref, labels)
+        m["accuracy_change"] = m["accuracy"] - m["reference_accuracy"]
+    failed = []
+    if not np.isfinite(a).all():
+        failed.append("finite")
+    if precision == "fp32":
+        tolerance = {"atol": gates.atol, "rtol": gates.rtol, "top1_agreement": gates.fp32_top1}
+        if not np.allclose(a, ref, atol=gates.atol, rtol=gates.rtol):
+            failed.append("max_abs_diff")
+    elif precision in ("fp16", "bf16"):
+        tolerance = {"top1_agreement": gates.half_top1}
+    else:
+        tolerance = {"top1_agreement": gates.int8_top1, "max_accuracy_drop": gates.int8_max_accuracy_drop}
+        if m["accuracy_change"] is not None and m["accuracy_change"] < -gates.int8_max_accuracy_drop - 1e-12:
+            failed.append("accuracy_change")
+    if m["top1_agreement"] < tolerance["top1_agreement"]:
+        failed.append("top1_agreement")
+    m.update(tolerance=tolerance, passed=not failed, failed_metrics=failed)
+    if failed:
+        m["atol_needed"] = atol_needed(a, ref, gates.rtol)
+        m["top1_changed"] = [names[i] for i in np.flatnonzero(a.argmax(1) != ref.argmax(1))]
+    return m
+
+
+# ---------------------------------------------------------------- inputs and reference
+
+
+def torchvision_crop(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
+    """The reference decoding: EXIF transpose + RGB, then torchvision's Resize (antialiased) and CenterCrop."""
+    from torchvision.transforms import v2 as T
+
+    img = open_image(path)
+    pipeline = T.Compose([T.Resize(spec.resize_size, interpolation=T.InterpolationMode(spec.interpolation), antialias=True),
+                          T.CenterCrop(spec.crop_size), T.PILToTensor()])
+    return pipeline(img).permute(1, 2, 0).numpy()
+
+
+def load_inputs(images: str | Path | None, random_images: int, spec: PreprocessSpec, classes: list[str],
+                seed: int = 0) -> Inputs:
+    """Crops from image files (an ImageFolder gives labels too) followed by `random_images` uint8 noise images."""
+    crops, names, labels = [], [], []
+    labelled = False
+    if images is not None:
+        root = Path(images)
+        paths = list_images(root)
+        if not paths:
+            raise RtkError(f"no images in {root}")
+        subdirs = {p.relative_to(root).parts[0] for p in paths if root.is_dir() and len(p.relative_to(root).parts) > 1}
+        labelled = bool(subdirs) and subdirs <= set(classes) and all(len(p.relative_to(root).parts) == 2 for p in paths)
+        for p in paths:
+            crops.append(torchvision_crop(p, spec))
+            names.append(str(p.relative_to(root)) if root.is_dir() else p.name)
+            if labelled:
+                labels.append(classes.index(p.relative_to(root).parts[0]))
+    if random_images:
+        rng = np.random.default_rng(seed)
+        s = spec.crop_size
+        crops += list(rng.integers(0, 256, (random_images, s, s, 3), dtype=np.uint8))
+        names += [f"random-{i}" for i in range(random_images)]
+    if not crops:
+        raise RtkError("nothing to verify on: give --images or --random N")
+    lab = np.array(labels) if labelled and not random_images else None
+    return Inputs(np.stack(crops), names, lab)
+
+
+def reference_logits(model, spec: PreprocessSpec, crops: np.ndarray) -> np.ndarray:
+    """The eager model on torchvision's ToDtype + Normalize of the crops, fp32 on CPU."""
+    import torch
+    from torchvision.transforms import v2 as T
+
+    normalize = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(list(spec.mean), list(spec.std))])
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(crops), BATCH):
+            x = normalize(torch.from_numpy(crops[i : i + BATCH]).permute(0, 3, 1, 2))
+            out.append(model(x).float().numpy())
+    return np.concatenate(out)
+
+
+def preprocess_difference(spec: PreprocessSpec, crops: np.ndarray) -> float:
+    """In-graph preprocessing (the exported Preprocess module) against torchvision's Normalize."""
+    import torch
+    from torchvision.transforms import v2 as T
+
+    from toolkit.graph import Preprocess
+
+    x = torch.from_numpy(crops[:BATCH])
+    ours = Preprocess(spec)(x)
+    theirs = T.Normalize(list(spec.mean), list(spec.std))(T.ToDtype(torch.float32, scale=True)(x.permute(0, 3, 1, 2)))
+    return float((ours - theirs).abs().max())
+
+
+def file_classes(path: Path, fmt: str) -> list[str] | None:
+    """The class names stored inside a model file's metadata."""
+    if fmt == "onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        raw = props.get("classes")
+    else:
+        import torch
+
+        extra = {"classes.txt": ""}
+        if fmt == "torchscript":
+            torch.jit.load(str(path), _extra_files=extra)
+        else:
+            torch.export.load(str(path), extra_files=extra)
+        raw = extra["classes.txt"]
+        raw = raw.decode() if isinstance(raw, bytes) else raw
+    return json.loads(raw) if raw else None
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, random_images: int = 0,
+                  checkpoint: str | Path | None = None, runtimes: list[str] | None = None, gates: Gates = Gates(),
+                  threads: int | None = None, seed: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Compare every artifact on every runtime here with the reference; store the report in the manifest."""
+    import torch
+
+    from toolkit.checkpoint import source_from_manifest
+    from toolkit.fileio import sha256_file
+    from toolkit.runners import Runner, RunOptions, Skipped, load_or_skip, plan, require_named
+
+    bundle = Bundle.open(bundle_path)
+    spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
+    model, source = source_from_manifest(bundle.manifest, checkpoint)
+    classes = bundle.classes
+    if list(source.classes) != classes and source.kind == "checkpoint":
+        raise CheckFailed(f"the bundle's classes {classes} differ from the checkpoint's {list(source.classes)}")
+    inputs = load_inputs(images, random_images, spec, classes, seed)
+    if threads:
+        torch.set_num_threads(threads)
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 parity on both sides
+    try:
+        ref = reference_logits(model, spec, inputs.crops)
+        preprocess_diff = preprocess_difference(spec, inputs.crops)
+        entries = plan(bundle, runtimes or list(DEFAULT_RUNTIMES), lambda: (model, spec),
+                       RunOptions(threads=threads, tf32=False))
+        require_named(entries, runtimes)
+        entries = load_or_skip(entries)
+        require_named(entries, runtimes)
+        records, skipped = [], []
+        for entry in entries:
+            if isinstance(entry, Skipped):
+                skipped.append(asdict(entry))
+                continue
+            assert isinstance(entry, Runner)
+            out = np.concatenate([entry(inputs.crops[i : i + BATCH]) for i in range(0, len(inputs.crops), BATCH)])
+            m = compare(out, ref, inputs.names, inputs.labels, entry.precision, gates)
+            if entry.artifact in bundle.files:
+                fmt = bundle.files[entry.artifact]["format"]
+                path = bundle.path(entry.artifact)
+                stored = file_classes(path, fmt)
+                if stored != classes:
+                    m["failed_metrics"].append("classes")
+                    m["passed"] = False
+                    entry.details["classes_in_file"] = stored
+                if sha256_file(path) != bundle.files[entry.artifact]["sha256"]:
+                    m["failed_metrics"].append("sha256")
+                    m["passed"] = False
+            records.append(Record(entry.artifact, entry.runtime, entry.precision, len(out), details=entry.details, **m))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    report = {
+        "passed": all(r.passed for r in records) and preprocess_diff <= gates.preprocess_atol,
+        "images": len(inputs.crops), "image_source": str(images) if images else None, "random_images": random_images,
+        "labelled": inputs.labels is not None, "tf32": False,
+        "preprocess_max_abs_diff": preprocess_diff, "preprocess_passed": preprocess_diff <= gates.preprocess_atol,
+        "gates": asdict(gates), "records": [asdict(r) for r in records], "skipped": skipped,
+    }
+    bundle.update("verification", report)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The table printed on stdout."""
+    head = f"{'artifact':<17} {'runtime':<18} {'prec':<5} {'max_abs':>9} {'max_rel':>9} {'cos_min':>9} {'top1':>7} {'top5':>7} {'acc':>7} {'d_acc':>7}  result"
+    lines = [f"verified on {report['images']} images" + (" (labelled)" if report["labelled"] else "")
+             + f"; TF32 off on both sides; in-graph preprocessing vs torchvision Normalize: "
+             f"max abs diff {report['preprocess_max_abs_diff']:.2e} ({'ok' if report['preprocess_passed'] else 'FAIL'})", head]
+
+    def pct(v):
+        return f"{100 * v:6.2f}%" if v is not None else "      -"
+
+    for r in report["records"]:
+        result = "pass" if r["passed"] else f"FAIL ({', '.join(r['failed_metrics'])})"
+        lines.append(f"{r['artifact']:<17} {r['runtime']:<18} {r['precision']:<5} {r['max_abs_diff']:9.2e} {r['max_rel_diff']:9.2e} "
+                     f"{r['cosine_min']:9.6f} {pct(r['top1_agreement'])} {pct(r['top5_agreement'])} {pct(r['accuracy'])} "
+                     f"{pct(r['accuracy_change'])}  {result}")
+        if not r["passed"]:
+            lines.append(f"    would pass fp32 allclose at atol >= {r['atol_needed']:.3g} (rtol {report['gates']['rtol']}); "
+                         f"top-1 changed on {len(r['top1_changed'])} images: {', '.join(r['top1_changed'][:10])}"
+                         + (" ..." if len(r["top1_changed"]) > 10 else ""))
+        if r["details"].get("warning"):
+            lines.append(f"    warning: {r['details']['warning']}")
+    for s in report["skipped"]:
+        lines.append(f"{s['artifact']:<17} {s['runtime']:<18} {s['precision']:<5} skipped: {s['reason']}")
+    lines.append("PASSED" if report["passed"] else "FAILED")
+    return "\n".join(lines)
