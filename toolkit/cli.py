@@ -143,6 +143,8 @@ def train_cmd(ctx: click.Context, data_dir: Path, output: Path, resume: Path | N
         options["epochs"] = 1  # keep the saved run's epoch count unless --epochs is given
     config = TrainConfig(**options)
     metrics = train(data_dir, output, config, resume=resume, echo=click.echo, progress=not quiet)
+    if metrics.get("rank", 0) != 0:
+        return  # under torchrun only rank 0 reports
     click.echo(f"best val top-1 {metrics['best_val_top1']:.4f} (epoch {metrics['best_epoch']}), "
                f"top-5 {metrics['best_val_top5']:.4f}; {metrics['train_seconds']:.1f}s, "
                f"{metrics['images_per_second']:.1f} img/s; wrote {output}/checkpoint.pt")

@@ -261,6 +261,7 @@ def train(data: str | Path, output: str | Path, config: TrainConfig, resume: str
     classes = list(split.classes)
     if state is not None and state["classes"] != classes:
         raise RtkError(f"{resume} was trained on classes {state['classes']}, the data has {classes}")
+    torch.manual_seed(config.seed)  # the new head's (or a from-scratch model's) initial weights
     model = build(config.arch, len(classes))
     loaded = "resumed from " + str(resume) if state else load_weights(model, config.arch, config.weights, config.reset_head)
     if state is not None:
@@ -374,11 +375,12 @@ def train(data: str | Path, output: str | Path, config: TrainConfig, resume: str
         "final_val_top1": history[-1]["val_top1"], "precision": runtime.precision, "device": str(runtime.device),
         "world_size": runtime.world_size, "arch": config.arch, "classes": classes,
     }
-    if runtime.is_main:
-        write_json(output / "metrics.json", result)
     if runtime.world_size > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    if not runtime.is_main:
+        return {**result, "rank": runtime.rank}
+    write_json(output / "metrics.json", result)
     return result
 
 

@@ -1,0 +1,89 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import rtk
+from toolkit import __version__, env
+
+
+def test_help_lists_every_command():
+    result = rtk("--help")
+    assert result.exit_code == 0
+    for command in ("doctor", "data", "train", "export", "verify", "benchmark", "predict", "demo"):
+        assert command in result.output
+
+
+def test_version():
+    result = rtk("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = ("import sys; from toolkit.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'torchvision', 'onnx', 'onnxruntime') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+
+
+def test_python_dash_m_works():
+    out = subprocess.run([sys.executable, "-m", "toolkit", "--version"], capture_output=True, text=True, check=True)
+    assert __version__ in out.stdout
+
+
+def test_doctor_json_reports_versions_cpu_and_cuda():
+    result = rtk("doctor", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    for lib in ("python", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime"):
+        assert report["versions"][lib]
+    assert "CPUExecutionProvider" in report["onnxruntime"]["providers"]
+    assert set(report["cpu"]) >= {"model", "avx512", "avx512_bf16", "amx", "usable_cpus"}
+    assert "available" in report["cuda"]
+    if not report["cuda"]["available"]:
+        assert report["cuda"]["reason"]
+
+
+def test_doctor_text():
+    result = rtk("doctor")
+    assert result.exit_code == 0
+    assert "onnxruntime providers" in result.output and "AMX" in result.output
+
+
+def test_doctor_warns_on_two_onnxruntime_packages(monkeypatch):
+    monkeypatch.setattr(env, "ort_packages", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    result = rtk("doctor")
+    assert result.exit_code == 0
+    assert "several onnxruntime packages" in result.output
+
+
+def test_doctor_warns_without_onnxscript_and_fails_when_required_is_broken(monkeypatch):
+    real = env.importlib.import_module
+
+    def fake(name, *a):
+        if name in ("onnxscript", "onnx"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a)
+
+    monkeypatch.setattr(env.importlib, "import_module", fake)
+    result = rtk("doctor")
+    assert "onnxscript is missing" in result.output
+    assert "problem: onnx cannot be imported" in result.output
+    assert result.exit_code == 1
+
+
+def test_cpu_features_parsed_from_flags():
+    cpu = env.CpuInfo("x", 4, 2, frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}))
+    assert cpu.avx512 and cpu.avx512_bf16 and cpu.amx and cpu.fast_bf16
+    assert not env.CpuInfo("x", 4, 2, frozenset({"avx2"})).fast_bf16
+
+
+@pytest.mark.parametrize("args", [["train"], ["export", "--help"], ["verify"]])
+def test_usage_errors_exit_2(args):
+    result = rtk(*args)
+    assert result.exit_code in (0, 2)
+    if args[-1] != "--help":
+        assert result.exit_code == 2

@@ -1,0 +1,87 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from toolkit.errors import RtkError
+from toolkit.preprocess import PreprocessSpec, center_crop, crop_array, open_image, resize_shorter, to_rgb
+from toolkit.verify import torchvision_crop
+
+
+@pytest.mark.parametrize("spec", [PreprocessSpec(256, 224), PreprocessSpec(232, 224), PreprocessSpec(40, 32),
+                                  PreprocessSpec(256, 224, interpolation="bicubic")])
+def test_runtime_crop_is_byte_identical_to_torchvision_on_real_jpegs(photos, spec):
+    for path in photos:
+        ours = crop_array(path, spec)
+        theirs = torchvision_crop(path, spec)
+        assert ours.shape == (spec.crop_size, spec.crop_size, 3) and ours.dtype == np.uint8
+        assert np.array_equal(ours, theirs), path
+
+
+def test_byte_identical_on_portrait_png(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tall.png"
+    Image.fromarray(rng.integers(0, 256, (301, 123, 3), dtype=np.uint8)).save(path)
+    spec = PreprocessSpec(64, 56)
+    assert np.array_equal(crop_array(path, spec), torchvision_crop(path, spec))
+
+
+def test_resize_shorter_side_and_center_crop_geometry():
+    img = Image.new("RGB", (640, 427))
+    resized = resize_shorter(img, 256)
+    assert resized.size == (383, 256)  # int(256 * 640 / 427) = 383, as torchvision truncates
+    assert center_crop(resized, 224).size == (224, 224)
+
+
+def test_alpha_is_composited_on_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    half = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
+    assert to_rgb(half).getpixel((0, 0)) == (127, 127, 127)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1", "I", "F"])
+def test_every_mode_becomes_rgb(mode):
+    img = Image.new("RGB", (8, 6), (200, 100, 50)).convert(mode) if mode != "I;16" else Image.new("I;16", (8, 6), 40000)
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == (8, 6)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    img = Image.new("I;16", (2, 2), 65535)
+    assert to_rgb(img).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("I;16", (2, 2), 32896)).getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    decoded = open_image(buf.getvalue())
+    assert decoded.size == (20, 40)
+    assert np.asarray(decoded)[5, 10].mean() > 200  # the white half is now on top
+
+
+def test_pixel_limit_guards_against_decompression_bombs():
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(buf, format="PNG")
+    with pytest.raises(RtkError, match="above the limit"):
+        open_image(buf.getvalue(), max_pixels=5000)
+
+
+def test_undecodable_bytes_name_the_problem():
+    with pytest.raises(RtkError, match="cannot decode"):
+        open_image(b"not an image")
+
+
+def test_spec_validation():
+    with pytest.raises(RtkError, match="resize-size"):
+        PreprocessSpec(resize_size=20, crop_size=32)
+    with pytest.raises(RtkError, match="interpolation"):
+        PreprocessSpec(interpolation="cubic-ish")
+    spec = PreprocessSpec(40, 32)
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
