@@ -141,10 +141,9 @@ def compare(a: np.ndarray, ref: np.ndarray, names: list[str], labels: np.ndarray
             failed.append("accuracy_change")
     if m["top1_agreement"] < tolerance["top1_agreement"]:
         failed.append("top1_agreement")
-    m.update(tolerance=tolerance, passed=not failed, failed_metrics=failed)
-    if failed:
-        m["atol_needed"] = atol_needed(a, ref, gates.rtol)
-        m["top1_changed"] = [names[i] for i in np.flatnonzero(a.argmax(1) != ref.argmax(1))]
+    # Computed for every record (cheap) so a record that fails a later check (classes, sha256) has them too.
+    m.update(tolerance=tolerance, passed=not failed, failed_metrics=failed, atol_needed=atol_needed(a, ref, gates.rtol),
+             top1_changed=[names[i] for i in np.flatnonzero(a.argmax(1) != ref.argmax(1))])
     return m
 
 
