@@ -106,5 +106,7 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-# Tests that need a GPU carry both: `-m cuda` selects them, and they skip with the reason elsewhere.
-cuda = [pytest.mark.cuda, pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False")]
+def needs_cuda(test):
+    """Mark a test `cuda` (`pytest -m cuda` selects them) and skip it, with the reason, without a GPU."""
+    skip = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+    return pytest.mark.cuda(skip(test))

@@ -8,7 +8,6 @@ from onnx import numpy_helper
 from tests.conftest import copy_bundle, error_line, rtk
 from toolkit import verify as v
 
-
 # ---------------------------------------------------------------- metrics on arrays with known answers
 
 REF = np.array([[1.0, 2.0, 3.0], [4.0, -2.0, 0.5]])

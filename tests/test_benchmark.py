@@ -1,0 +1,99 @@
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import copy_bundle, error_line, rtk
+from toolkit.benchmark import BenchConfig, latency_stats, time_runner
+from toolkit.errors import RtkError
+
+FAST = ("--warmup", "1", "--iterations", "3", "--min-seconds", "0")
+
+
+def test_latency_stats_known_values():
+    stats = latency_stats([0.001, 0.002, 0.003, 0.004], batch=2)
+    assert stats["mean_ms"] == pytest.approx(2.5) and stats["min_ms"] == pytest.approx(1.0)
+    assert stats["max_ms"] == pytest.approx(4.0) and stats["p50_ms"] == pytest.approx(2.5)
+    assert stats["images_per_second"] == pytest.approx(800.0)
+    assert stats["cv"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2.5)
+
+
+def test_time_runner_takes_the_larger_of_iterations_and_min_seconds():
+    calls = []
+    samples = time_runner(calls.append, None, warmup=2, iterations=5, min_seconds=0)
+    assert len(samples) == 5 and len(calls) == 7
+    samples = time_runner(lambda _: None, None, warmup=0, iterations=1, min_seconds=0.05)
+    assert len(samples) > 1
+
+
+def test_config_validation():
+    with pytest.raises(RtkError):
+        BenchConfig(batch_sizes=(0,))
+    with pytest.raises(RtkError):
+        BenchConfig(threads=0)
+
+
+def test_benchmark_structure_percentiles_skips_and_threads(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", "model.int8.onnx", "model.ts"))
+    result = rtk("benchmark", bundle, *FAST, "--batch-size", "1", "--batch-size", "4", "--threads", "1",
+                 "--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv", "--markdown", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["environment"]["cpu"]["model"] and report["environment"]["versions"]["onnxruntime"]
+    assert report["environment"]["threads"]["torch"] == 1
+    measured = [r for r in report["results"] if not r["skipped"]]
+    assert {(r["runtime"], r["artifact"]) for r in measured} >= {
+        ("eager", "checkpoint"), ("torchscript", "model.ts"), ("ort-cpu", "model.onnx"), ("ort-cpu", "model.int8.onnx")}
+    for r in measured:
+        assert r["batch_size"] in (1, 4) and r["iterations"] >= 3
+        assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
+        for key in ("runtime", "artifact", "precision", "mean_ms", "images_per_second", "speedup_vs_eager",
+                    "cold_start_s", "peak_rss_mb"):
+            assert r[key] is not None, key
+        assert r["threads"] == 1
+    eager = [r for r in measured if r["runtime"] == "eager"]
+    assert all(r["speedup_vs_eager"] == pytest.approx(1.0) for r in eager)
+    ort = [r for r in measured if r["runtime"] == "ort-cpu"]
+    assert all(r["details"]["threads"] == 1 for r in ort)
+    skipped = [r for r in report["results"] if r["skipped"]]
+    assert skipped and all(r["reason"] for r in skipped)
+    if not any(r["runtime"] == "ort-cuda" and not r["skipped"] for r in report["results"]):
+        assert any(r["runtime"] == "ort-cuda" and "CUDAExecutionProvider" in r["reason"] for r in skipped)
+    assert (tmp_path / "r.csv").read_text().startswith("runtime,artifact,precision,batch_size")
+    assert "| runtime |" in (tmp_path / "r.md").read_text()
+    assert "p50" in result.output
+
+
+def test_threads_default_to_the_process_affinity(monkeypatch):
+    monkeypatch.setattr("toolkit.benchmark.usable_cpus", lambda: 3)
+    assert BenchConfig().thread_count == 3
+    assert BenchConfig(threads=1).thread_count == 1
+
+
+def test_unstable_figures_are_flagged():
+    from toolkit.benchmark import table
+
+    row = {"runtime": "ort-cpu", "artifact": "model.onnx", "precision": "fp32", "batch_size": 1, "skipped": False,
+           **latency_stats([0.001, 0.001, 0.003], 1), "speedup_vs_eager": None, "cold_start_s": 0.1, "peak_rss_mb": 10}
+    row["unstable"] = row["cv"] > 0.1
+    text = table({"results": [row]})
+    assert row["unstable"] and "coefficient of variation above 10%" in text
+
+
+def test_explicit_unavailable_runtime_exits_2(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    result = rtk("benchmark", bundle, *FAST, "--runtime", "ort-tensorrt")
+    assert result.exit_code == 2
+    assert "ort-tensorrt is not available here" in error_line(result)
+
+
+def test_sweep_reports_best_latency_and_throughput(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    result = rtk("benchmark", bundle, "--runtime", "ort-cpu", "--batch-size", "1", *FAST, "--sweep", "--json", tmp_path / "s.json")
+    assert result.exit_code == 0, result.output
+    sweep = [r for r in json.loads((tmp_path / "s.json").read_text())["results"] if r.get("sweep")]
+    assert len(sweep) == 1
+    best = sweep[0]
+    assert best["best_latency"]["p50_ms"] == min(t["p50_ms"] for t in best["trials"])
+    assert best["best_throughput"]["images_per_second"] == max(t["images_per_second"] for t in best["trials"])
+    assert {t["threads"] for t in best["trials"]} >= {1}

@@ -1,0 +1,138 @@
+import io
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from tests.conftest import copy_bundle, error_line, rtk
+from tests.test_export import BLOCK_TORCH
+from toolkit.errors import CheckFailed, RtkError
+from toolkit.runtime import Classifier
+
+
+def test_importing_the_runtime_does_not_import_torch():
+    code = "import sys, toolkit.runtime; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'onnx')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_runtime_works_where_torch_cannot_be_imported(tiny_bundle, tiny_data):
+    image = next((tiny_data / "val" / "circle").iterdir())
+    code = BLOCK_TORCH + textwrap.dedent(f"""
+        from toolkit.runtime import Classifier
+        clf = Classifier.load({str(tiny_bundle)!r}, self_test=True)
+        p = clf.predict([{str(image)!r}], top_k=2)[0]
+        print('OK', p.labels, round(sum(p.scores), 6) <= 1.0)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("OK [")
+
+
+def test_predict_matches_eager_top1(tiny_bundle, tiny_run, tiny_data):
+    from tests.test_export import eager_logits
+    from toolkit.preprocess import crop_array
+
+    clf = Classifier.load(tiny_bundle)
+    paths = sorted((tiny_data / "val").rglob("*.png"))
+    preds = clf.predict(paths, top_k=3, batch_size=5)
+    crops = np.stack([crop_array(p, clf.spec) for p in paths])
+    expected = eager_logits(tiny_run / "checkpoint.pt", crops).argmax(1)
+    assert [p.indices[0] for p in preds] == list(expected)
+    for p in preds:
+        assert p.labels[0] == clf.classes[p.indices[0]] and len(p.labels) == 3
+        assert p.scores == sorted(p.scores, reverse=True) and 0 < sum(p.scores) <= 1 + 1e-9
+
+
+def test_every_input_kind_gives_the_same_answer(tiny_bundle, tiny_data):
+    clf = Classifier.load(tiny_bundle)
+    path = next((tiny_data / "val" / "square").iterdir())
+    pil = Image.open(path)
+    inputs = [path, str(path), path.read_bytes(), pil, np.asarray(pil.convert("RGB"))]
+    preds = clf.predict(inputs)
+    assert len({tuple(p.indices) for p in preds}) == 1
+    assert len({round(p.scores[0], 6) for p in preds}) == 1
+
+
+def test_threads_share_one_session(tiny_bundle, tiny_data):
+    clf = Classifier.load(tiny_bundle, threads=1)
+    paths = sorted((tiny_data / "val").rglob("*.png"))
+    serial = [p.scores for p in clf.predict(paths)]
+    results: dict[int, list] = {}
+
+    def work(i: int) -> None:
+        results[i] = [p.scores for p in clf.predict(paths[i % 3:] + paths[: i % 3], batch_size=4)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, scores in results.items():
+        rotated = serial[i % 3:] + serial[: i % 3]
+        np.testing.assert_allclose(np.array(scores), np.array(rotated), rtol=1e-5, atol=1e-7)
+
+
+def test_bad_images_fail_alone(tiny_bundle, tiny_data):
+    clf = Classifier.load(tiny_bundle, max_pixels=40 * 40)
+    good = next((tiny_data / "val" / "circle").iterdir())
+    big = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(big, format="PNG")
+    preds = clf.predict([good, b"garbage", big.getvalue(), good])
+    assert [p.ok for p in preds] == [True, False, False, True]
+    assert "cannot decode" in preds[1].error and "above the limit" in preds[2].error
+    assert preds[0].indices == preds[3].indices
+
+
+def test_self_test_refuses_a_model_that_differs(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    Classifier.load(bundle, self_test=True)
+    with np.load(bundle / "selftest.npz") as data:
+        arrays = dict(data)
+    arrays["model.onnx"] = arrays["model.onnx"] + 1.0
+    np.savez(bundle / "selftest.npz", **arrays)
+    with pytest.raises(CheckFailed, match="self-test failed"):
+        Classifier.load(bundle, self_test=True)
+
+
+def test_model_without_metadata_is_refused(tiny_bundle, tmp_path):
+    model = onnx.load(str(tiny_bundle / "model.onnx"))
+    del model.metadata_props[:]
+    onnx.save(model, str(tmp_path / "bare.onnx"))
+    with pytest.raises(RtkError, match="no rtk metadata"):
+        Classifier.load(tmp_path / "bare.onnx")
+
+
+def test_unavailable_provider_is_an_error_not_a_fallback(tiny_bundle):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(RtkError, match="CUDAExecutionProvider is not available"):
+        Classifier.load(tiny_bundle, providers=["cuda"])
+
+
+def test_rtk_predict_lines_json_and_exit_code(tiny_bundle, tiny_data, tmp_path):
+    result = rtk("predict", tiny_bundle, tiny_data / "val" / "circle", "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 6 and all(len(ln.split("\t")) == 3 for ln in lines)
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    good = next((tiny_data / "val" / "square").iterdir())
+    result = rtk("predict", tiny_bundle, good, tmp_path / "bad.jpg", "--json")
+    assert result.exit_code == 1
+    payload = json.loads(result.output[: result.output.rindex("}") + 1])
+    ok, bad = payload["predictions"]
+    assert ok["error"] is None and len(ok["labels"]) == 3 and "bad.jpg" in bad["source"] and bad["error"]
+    assert payload["providers"][0] == "CPUExecutionProvider"
+
+
+def test_rtk_predict_provider_error(tiny_bundle, tiny_data):
+    result = rtk("predict", tiny_bundle, tiny_data / "val", "--provider", "tensorrt")
+    assert result.exit_code == 2 and "TensorrtExecutionProvider is not available" in error_line(result)
