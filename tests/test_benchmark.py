@@ -97,3 +97,16 @@ def test_sweep_reports_best_latency_and_throughput(tiny_bundle, tmp_path):
     assert best["best_latency"]["p50_ms"] == min(t["p50_ms"] for t in best["trials"])
     assert best["best_throughput"]["images_per_second"] == max(t["images_per_second"] for t in best["trials"])
     assert {t["threads"] for t in best["trials"]} >= {1}
+
+
+def test_device_filter_lists_unavailable_runtimes_as_skipped(tiny_bundle, tmp_path):
+    import torch
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    result = rtk("benchmark", bundle, *FAST, "--batch-size", "1", "--device", "cuda", "--json", tmp_path / "c.json")
+    report = json.loads((tmp_path / "c.json").read_text()) if result.exit_code == 0 else None
+    assert result.exit_code == 0, result.output
+    assert {r["runtime"] for r in report["results"]} <= {"eager-cuda", "eager-fp16", "torchscript-cuda", "torch-export-cuda",
+                                                         "ort-cuda", "ort-cuda-iobinding", "ort-tensorrt"}
+    if not torch.cuda.is_available():
+        assert all(r["skipped"] and r["reason"] for r in report["results"])

@@ -143,3 +143,14 @@ def test_gates_are_options(tiny_bundle, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     result = rtk("verify", bundle, "--random", "4", "--runtime", "ort-cpu", "--atol", "0", "--rtol", "0")
     assert result.exit_code == 1 and "max_abs_diff" in result.output
+
+
+def test_nothing_compared_is_not_a_pass(tiny_bundle, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    result = rtk("verify", bundle, "--random", "2", "--device", "cuda")
+    assert result.exit_code == 1
+    assert "every runtime asked for was skipped" in result.output and "no runtime could run" in error_line(result)

@@ -32,6 +32,7 @@ SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
 @dataclass(frozen=True)
 class BenchConfig:
     runtimes: tuple[str, ...] | None = None
+    device: str | None = None  # only runtimes on this device; unavailable ones are skipped, not errors
     batch_sizes: tuple[int, ...] = (1, 8)
     warmup: int = 10
     iterations: int = 50
@@ -115,14 +116,15 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
     import torch
 
     from toolkit.checkpoint import source_from_manifest
-    from toolkit.runners import Runner, RunOptions, Skipped, plan, require_named
+    from toolkit.runners import Runner, RunOptions, Skipped, plan, require_named, runtimes_on
 
     bundle = Bundle.open(bundle_path)
     spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
     threads = config.thread_count
     torch.set_num_threads(threads)
     options = RunOptions(threads=threads, tf32=False, cuda_graph=config.cuda_graph)
-    entries = plan(bundle, list(config.runtimes) if config.runtimes else None,
+    named = list(config.runtimes) if config.runtimes else None
+    entries = plan(bundle, runtimes_on(config.device, named) if config.device else named,
                    lambda: (source_from_manifest(bundle.manifest)[0], spec), options)
     require_named(entries, list(config.runtimes) if config.runtimes else None)
     rng = np.random.default_rng(config.seed)

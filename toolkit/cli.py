@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -42,6 +43,9 @@ def main() -> None:
     Pipeline: rtk data digits -> rtk train -> rtk export -> rtk verify -> rtk benchmark -> rtk predict
     """
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+    # TorchScript is deprecated upstream; rtk writes model.pt2 (its successor) beside it on purpose.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"You are using the legacy TorchScript-based ONNX export", category=DeprecationWarning)
 
 
 @main.command()
@@ -198,11 +202,13 @@ def export_cmd(checkpoint: Path | None, output: Path, formats: tuple[str, ...], 
 @click.option("--fp16-min-top1", default=0.995, show_default=True, help="fp16/bf16 minimum top-1 agreement.")
 @click.option("--int8-min-top1", default=0.97, show_default=True, help="int8 minimum top-1 agreement.")
 @click.option("--int8-max-accuracy-drop", default=0.01, show_default=True, help="int8 maximum accuracy drop (fraction).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Only the runtimes on this device (those unavailable here are listed as skipped).")
 @click.option("--threads", type=int, default=None)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the records as JSON.")
 def verify_cmd(bundle: Path, checkpoint: Path | None, images: str | None, random_images: int | None, runtimes: tuple[str, ...],
                atol: float, rtol: float, fp16_min_top1: float, int8_min_top1: float, int8_max_accuracy_drop: float,
-               threads: int | None, json_path: Path | None) -> None:
+               device: str | None, threads: int | None, json_path: Path | None) -> None:
     """Prove every artifact in BUNDLE matches the eager model. Exit 0 all pass, 1 any fails, 2 usage error."""
     from toolkit.verify import Gates
 
@@ -210,7 +216,7 @@ def verify_cmd(bundle: Path, checkpoint: Path | None, images: str | None, random
                   int8_max_accuracy_drop=int8_max_accuracy_drop)
     random_images = random_images if random_images is not None else (0 if images else 16)
     _run_verify(bundle, images, random_images, checkpoint, runtimes=list(runtimes) or None, gates=gates,
-                threads=threads, json_path=json_path)
+                threads=threads, device=device, json_path=json_path)
 
 
 def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **options) -> None:
@@ -224,12 +230,16 @@ def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **opt
         write_json(json_path, report)
     if not report["passed"]:
         failed = [f"{r['artifact']} on {r['runtime']} ({', '.join(r['failed_metrics'])})" for r in report["records"] if not r["passed"]]
-        raise CheckFailed("verification failed: " + ("; ".join(failed) or "in-graph preprocessing differs from Normalize"))
+        reason = "; ".join(failed) or ("no runtime could run" if not report["records"]
+                                       else "in-graph preprocessing differs from Normalize")
+        raise CheckFailed("verification failed: " + reason)
 
 
 @main.command("benchmark")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--runtime", "runtimes", multiple=True, help="Repeatable [every runtime available here].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Only the runtimes on this device (those unavailable here are listed as skipped).")
 @click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Repeatable [1 and 8].")
 @click.option("--warmup", default=10, show_default=True)
 @click.option("--iterations", default=50, show_default=True, help="At least this many timed calls ...")
@@ -240,13 +250,13 @@ def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **opt
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None)
-def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], batch_sizes: tuple[int, ...], warmup: int, iterations: int,
+def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], device: str | None, batch_sizes: tuple[int, ...], warmup: int, iterations: int,
                   min_seconds: float, threads: int | None, sweep: bool, cuda_graph: bool, json_path: Path | None,
                   csv_path: Path | None, markdown_path: Path | None) -> None:
     """Latency and throughput of BUNDLE on every runtime; unavailable runtimes are listed with the reason."""
     from toolkit.benchmark import BenchConfig, run_benchmark, table, write_outputs
 
-    config = BenchConfig(runtimes=runtimes or None, batch_sizes=batch_sizes or (1, 8), warmup=warmup,
+    config = BenchConfig(runtimes=runtimes or None, device=device, batch_sizes=batch_sizes or (1, 8), warmup=warmup,
                          iterations=iterations, min_seconds=min_seconds, threads=threads, sweep=sweep, cuda_graph=cuda_graph)
     report = run_benchmark(bundle, config, echo=click.echo)
     click.echo("")

@@ -35,7 +35,15 @@ RUNTIMES: dict[str, tuple[str, str]] = {
     "ort-cuda-iobinding": ("cuda", "model.onnx, model.fp16.onnx; input placed on the device once"),
     "ort-tensorrt": ("cuda", "model.onnx with TensorRT fp16; engine cache in the bundle"),
 }
-CPU_RUNTIMES = tuple(r for r, (d, _) in RUNTIMES.items() if d == "cpu")
+
+
+def runtimes_on(device: str | None, among: tuple[str, ...] | list[str] | None = None) -> list[str] | None:
+    """The runtimes (of `among`, default all) that run on `device` ("cpu" or "cuda"); None keeps them all."""
+    if device is None:
+        return list(among) if among else None
+    if device not in ("cpu", "cuda"):
+        raise RtkError(f"--device must be cpu or cuda, got {device!r}")
+    return [r for r in (among or RUNTIMES) if RUNTIMES[r][0] == device]
 
 
 class RuntimeUnavailable(Exception):

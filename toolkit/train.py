@@ -198,6 +198,23 @@ class Progress:
             sys.stderr.write("\r" + " " * 100 + "\r")
 
 
+def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, criterion: nn.Module, runtime: Runtime,
+               memory_format: torch.memory_format = torch.channels_last) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step under the runtime's autocast; returns (logits, loss)."""
+    images = images.to(runtime.device, non_blocking=True).contiguous(memory_format=memory_format)
+    targets = targets.to(runtime.device, non_blocking=True)
+    with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
+                        enabled=runtime.autocast_dtype is not None):
+        logits = model(images)
+        loss = criterion(logits.float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return logits, loss
+
+
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> int:
     k = min(k, logits.shape[1])
     return int((logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).sum())
@@ -321,16 +338,7 @@ def train(data: str | Path, output: str | Path, config: TrainConfig, resume: str
         loss_sum, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
         for step, (images, targets) in enumerate(train_loader):
-            images = images.to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            targets = targets.to(runtime.device, non_blocking=True)
-            with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
-                                enabled=runtime.autocast_dtype is not None):
-                logits = wrapped(images)
-                loss = criterion(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            logits, loss = train_step(wrapped, images, targets, optimizer, scaler, criterion, runtime)
             scheduler.step()
             loss_sum += float(loss.detach()) * len(targets)
             correct += topk_correct(logits.detach(), targets, 1)

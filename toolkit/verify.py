@@ -240,13 +240,13 @@ def file_classes(path: Path, fmt: str) -> list[str] | None:
 
 def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, random_images: int = 0,
                   checkpoint: str | Path | None = None, runtimes: list[str] | None = None, gates: Gates = Gates(),
-                  threads: int | None = None, seed: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
+                  threads: int | None = None, seed: int = 0, device: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Compare every artifact on every runtime here with the reference; store the report in the manifest."""
     import torch
 
     from toolkit.checkpoint import source_from_manifest
     from toolkit.fileio import sha256_file
-    from toolkit.runners import Runner, RunOptions, Skipped, load_or_skip, plan, require_named
+    from toolkit.runners import Runner, RunOptions, Skipped, load_or_skip, plan, require_named, runtimes_on
 
     bundle = Bundle.open(bundle_path)
     spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
@@ -262,7 +262,8 @@ def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, ran
     try:
         ref = reference_logits(model, spec, inputs.crops)
         preprocess_diff = preprocess_difference(spec, inputs.crops)
-        entries = plan(bundle, runtimes or list(DEFAULT_RUNTIMES), lambda: (model, spec),
+        wanted = runtimes or runtimes_on(device, DEFAULT_RUNTIMES) or list(DEFAULT_RUNTIMES)
+        entries = plan(bundle, wanted, lambda: (model, spec),
                        RunOptions(threads=threads, tf32=False))
         require_named(entries, runtimes)
         entries = load_or_skip(entries)
@@ -290,7 +291,8 @@ def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, ran
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     report = {
-        "passed": all(r.passed for r in records) and preprocess_diff <= gates.preprocess_atol,
+        # nothing compared is no evidence: a run where every runtime was skipped does not pass
+        "passed": bool(records) and all(r.passed for r in records) and preprocess_diff <= gates.preprocess_atol,
         "images": len(inputs.crops), "image_source": str(images) if images else None, "random_images": random_images,
         "labelled": inputs.labels is not None, "tf32": False,
         "preprocess_max_abs_diff": preprocess_diff, "preprocess_passed": preprocess_diff <= gates.preprocess_atol,
@@ -323,5 +325,7 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"    warning: {r['details']['warning']}")
     for s in report["skipped"]:
         lines.append(f"{s['artifact']:<17} {s['runtime']:<18} {s['precision']:<5} skipped: {s['reason']}")
+    if not report["records"]:
+        lines.append("nothing was compared: every runtime asked for was skipped")
     lines.append("PASSED" if report["passed"] else "FAILED")
     return "\n".join(lines)
