@@ -110,3 +110,13 @@ def test_device_filter_lists_unavailable_runtimes_as_skipped(tiny_bundle, tmp_pa
                                                          "ort-cuda", "ort-cuda-iobinding", "ort-tensorrt"}
     if not torch.cuda.is_available():
         assert all(r["skipped"] and r["reason"] for r in report["results"])
+
+
+def test_stages_leave_torch_threads_as_they_found_them(tiny_bundle, tmp_path):
+    import torch
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    before = torch.get_num_threads()
+    result = rtk("benchmark", bundle, *FAST, "--runtime", "eager", "--batch-size", "1", "--threads", str(before + 1))
+    assert result.exit_code == 0
+    assert torch.get_num_threads() == before

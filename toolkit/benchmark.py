@@ -24,6 +24,7 @@ from toolkit.env import environment, usable_cpus
 from toolkit.errors import RtkError
 from toolkit.fileio import write_json, write_text
 from toolkit.preprocess import PreprocessSpec
+from toolkit.runners import keeps_torch_threads
 
 UNSTABLE_CV = 0.10
 SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -111,6 +112,7 @@ def _cuda_sync() -> None:
         torch.cuda.synchronize()
 
 
+@keeps_torch_threads
 def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure each (runtime, artifact) at each batch size; returns {environment, config, results}."""
     import torch

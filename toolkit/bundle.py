@@ -59,9 +59,11 @@ class Bundle:
 
     @property
     def files(self) -> dict[str, dict[str, Any]]:
-        """Model files present in the bundle, in a stable order, with their manifest entries."""
+        """Model files present in the bundle with their manifest entries: the standard files first,
+        then variants (`rtk optimize` adds int8 variants and an optimised graph), by name."""
         entries = self.manifest.get("files", {})
-        return {name: entries[name] for name in FILES if name in entries and (self.root / name).is_file()}
+        order = [n for n in FILES if n in entries] + sorted(n for n in entries if n not in FILES)
+        return {name: entries[name] for name in order if (self.root / name).is_file()}
 
     def path(self, name: str) -> Path:
         return self.root / name

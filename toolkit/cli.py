@@ -264,6 +264,37 @@ def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], device: str | None, b
     write_outputs(report, json_path, csv_path, markdown_path)
 
 
+@main.command("optimize")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--calibration-data", required=True, type=click.Path(),
+              help="Images for int8 calibration; an ImageFolder with train/ and val/ also gives the held-out set.")
+@click.option("--holdout", type=click.Path(), default=None, help="Labelled ImageFolder the candidates are verified on.")
+@click.option("--max-accuracy-drop", default=0.5, show_default=True, help="Largest top-1 accuracy drop allowed, in points.")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Repeatable [1]; the first one ranks.")
+@click.option("--threads", type=int, default=None, help="[CPUs in this process's affinity]")
+@click.option("--calibration-size", default=200, show_default=True)
+@click.option("--min-seconds", default=2.0, show_default=True, help="Benchmark time per candidate and batch size.")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None, help="Write the ranked table.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def optimize_cmd(bundle: Path, calibration_data: str, holdout: str | None, max_accuracy_drop: float,
+                 batch_sizes: tuple[int, ...], threads: int | None, calibration_size: int, min_seconds: float,
+                 markdown_path: Path | None, json_path: Path | None) -> None:
+    """Build int8 variants and an optimised graph, verify every CPU candidate on held-out images,
+    benchmark those that pass, and record the fastest as the bundle's recommended deployment."""
+    from toolkit.fileio import write_json, write_text
+    from toolkit.optimize import OptimizeConfig, format_table, optimize_bundle
+
+    config = OptimizeConfig(calibration_data=calibration_data, holdout=holdout, max_accuracy_drop=max_accuracy_drop,
+                            batch_sizes=batch_sizes or (1,), threads=threads, calibration_size=calibration_size,
+                            min_seconds=min_seconds)
+    report = optimize_bundle(bundle, config, echo=click.echo)
+    click.echo("")
+    click.echo(format_table(report))
+    if markdown_path:
+        write_text(markdown_path, format_table(report, markdown=True) + "\n")
+    if json_path:
+        write_json(json_path, report)
+
 @main.command("predict")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))

@@ -155,16 +155,49 @@ def write_fp16(fp32_path: Path, path: Path, meta: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def write_int8(fp32_path: Path, path: Path, crops: np.ndarray, meta: dict[str, str]) -> None:
-    """onnxruntime static quantization: pre-processing, then QDQ with per-channel int8 weights and
-    uint8 activations (the pairing onnxruntime recommends on x86), MinMax-calibrated on `crops`."""
+@dataclass(frozen=True)
+class QuantRecipe:
+    """An onnxruntime static-quantisation setting. The default is what `--precision int8` writes."""
+
+    calibration: str = "minmax"  # minmax | entropy | percentile
+    activations: str = "u8"  # u8 (onnxruntime's recommendation on x86) | s8
+    per_channel: bool = True
+
+    @property
+    def file_name(self) -> str:
+        if self == QuantRecipe():
+            return file_name("onnx", "int8")
+        return f"model.int8-{self.calibration}-{self.activations}{'' if self.per_channel else '-per-tensor'}.onnx"
+
+    @property
+    def label(self) -> str:
+        return (f"QDQ, {self.calibration} calibration, {self.activations} activations, s8 weights "
+                f"{'per channel' if self.per_channel else 'per tensor'}")
+
+
+def write_int8(fp32_path: Path, path: Path, crops: np.ndarray, meta: dict[str, str], recipe: QuantRecipe = QuantRecipe()) -> None:
+    """onnxruntime static quantisation: its pre-processing step, then QDQ with int8 weights, calibrated on `crops`."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if recipe.calibration not in methods or recipe.activations not in ("u8", "s8"):
+        raise RtkError(f"unknown quantisation recipe {recipe}")
+
+    # Histogram calibrators stack per-batch arrays, so they need equal batches: feed them one image at a time.
+    step = 8 if recipe.calibration == "minmax" else 1
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{INPUT_NAME: crops[i : i + 8]} for i in range(0, len(crops), 8)])
+            self.batches = iter([{INPUT_NAME: crops[i : i + step]} for i in range(0, len(crops), step)])
 
         def get_next(self):
             return next(self.batches, None)
@@ -172,8 +205,9 @@ def write_int8(fp32_path: Path, path: Path, crops: np.ndarray, meta: dict[str, s
     with tempfile.TemporaryDirectory(prefix="rtk-int8-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
+                        activation_type=QuantType.QUInt8 if recipe.activations == "u8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=methods[recipe.calibration])
     model = onnx.load(str(path))
     set_onnx_metadata(model, meta)
     onnx.save(model, str(path))

@@ -7,6 +7,7 @@ falls back to CPU, so every session's providers are checked after creation).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -34,6 +35,8 @@ RUNTIMES: dict[str, tuple[str, str]] = {
     "ort-cuda": ("cuda", "model.onnx, model.fp16.onnx"),
     "ort-cuda-iobinding": ("cuda", "model.onnx, model.fp16.onnx; input placed on the device once"),
     "ort-tensorrt": ("cuda", "model.onnx with TensorRT fp16; engine cache in the bundle"),
+    "openvino": ("cpu", "fp32 and int8 ONNX files through OpenVINO (extra: openvino)"),
+    "openvino-bf16": ("cpu", "fp32 ONNX files through OpenVINO with bf16 inference precision"),
 }
 
 
@@ -56,6 +59,8 @@ class RunOptions:
     tf32: bool = False  # off: fp32 parity needs full-precision matmuls on both sides
     cuda_graph: bool = False
     profile_placement: bool = True
+    ort_graph_optimization: str = "all"  # onnxruntime: disable | basic | extended | all
+    ort_optimized_path: str | None = None  # onnxruntime writes its optimised graph here (hardware-specific)
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,22 @@ def _torch():
     import torch
 
     return torch
+
+
+def keeps_torch_threads(fn):
+    """Restore torch's thread count after `fn`: a stage that sets threads must not change what the
+    caller runs next (training reproducibility depends on the thread count)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        torch = _torch()
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
 
 
 def torch_threads(threads: int | None) -> None:
@@ -202,14 +223,25 @@ def provider_problem(provider: str) -> str | None:
     return None
 
 
-def session_options(threads: int | None, profile: bool = False):
+ORT_GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def session_options(threads: int | None, profile: bool = False, graph_optimization: str = "all",
+                    optimized_path: str | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if graph_optimization not in ORT_GRAPH_LEVELS:
+        raise RtkError(f"unknown onnxruntime graph optimization level {graph_optimization!r}; choose from {ORT_GRAPH_LEVELS}")
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[graph_optimization]
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
     if profile:
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="rtk-ort-profile-"), "ort")
@@ -272,8 +304,9 @@ class OrtRunner(Runner):
         if self.trt_cache is not None:
             self.trt_cache.mkdir(parents=True, exist_ok=True)
         try:
-            self.session = ort.InferenceSession(str(self.path), session_options(self.options.threads),
-                                                providers=self.providers())
+            so = session_options(self.options.threads, graph_optimization=self.options.ort_graph_optimization,
+                                 optimized_path=self.options.ort_optimized_path)
+            self.session = ort.InferenceSession(str(self.path), so, providers=self.providers())
         except Exception as exc:
             raise RuntimeUnavailable(f"onnxruntime could not create a {self.provider} session: {str(exc).splitlines()[0]}") from None
         got = self.session.get_providers()
@@ -281,7 +314,8 @@ class OrtRunner(Runner):
             raise RuntimeUnavailable(f"asked for {self.provider}, onnxruntime gave {got} (a library is missing: run rtk doctor)")
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
-        self.details.update(providers=got, threads=self.options.threads, io_binding=self.io_binding)
+        self.details.update(providers=got, threads=self.options.threads, io_binding=self.io_binding,
+                            graph_optimization=self.options.ort_graph_optimization)
         if self.provider != "CPUExecutionProvider":
             self.details["tf32"] = self.options.tf32
             self.details["cuda_graph"] = self.options.cuda_graph and self.io_binding
@@ -319,6 +353,49 @@ class OrtRunner(Runner):
         return prepared.copy_outputs_to_cpu()[0]
 
 
+# ---------------------------------------------------------------- OpenVINO
+
+
+def openvino_problem(precision_hint: str = "f32") -> str | None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "openvino is not installed (pip install -e '.[openvino]')"
+    if precision_hint == "bf16":
+        from toolkit.env import cpu_info
+
+        if not cpu_info().fast_bf16:
+            return "this CPU has neither AMX nor AVX512-BF16 (OpenVINO would not run bf16)"
+    return None
+
+
+@dataclass
+class OpenVinoRunner(Runner):
+    """An ONNX file compiled by OpenVINO for the CPU, with an inference-precision hint (f32 or bf16)."""
+
+    path: Path = Path()
+    precision_hint: str = "f32"
+
+    def load(self) -> None:
+        problem = openvino_problem(self.precision_hint)
+        if problem:
+            raise RuntimeUnavailable(problem)
+        import openvino as ov
+
+        config = {"INFERENCE_PRECISION_HINT": self.precision_hint, "PERFORMANCE_HINT": "LATENCY"}
+        if self.options.threads:
+            config["INFERENCE_NUM_THREADS"] = self.options.threads
+        self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.output = self.compiled.output(0)
+        self.details.update(openvino=ov.get_version(), precision_hint=self.precision_hint, threads=self.options.threads,
+                            compiled_precision=str(self.compiled.get_property("INFERENCE_PRECISION_HINT")))
+
+    def run_prepared(self, prepared: np.ndarray) -> np.ndarray:
+        # share_outputs=False: the result must outlive the next call on this request
+        return np.array(self.request.infer({0: prepared})[self.output], dtype=np.float32, copy=True)
+
+
 # ---------------------------------------------------------------- planning
 
 
@@ -328,11 +405,15 @@ def artifact_runtimes(name: str, fmt: str, precision: str) -> list[str]:
         return ["torchscript", "torchscript-cuda"]
     if fmt == "pt2":
         return ["torch-export", "torch-export-cuda"]
+    if name.endswith(".ort-opt.onnx"):  # onnxruntime's own CPU-optimised graph: onnxruntime CPU only
+        return ["ort-cpu"]
     runtimes = ["ort-cpu"]
     if precision in ("fp32", "fp16"):
         runtimes += ["ort-cuda", "ort-cuda-iobinding"]
     if precision == "fp32":
-        runtimes.append("ort-tensorrt")
+        runtimes += ["ort-tensorrt", "openvino", "openvino-bf16"]
+    if precision == "int8":
+        runtimes.append("openvino")
     return runtimes
 
 
@@ -368,15 +449,19 @@ def plan(bundle: Bundle, runtimes: list[str] | None, reference_factory, options:
         for name, entry in bundle.files.items():
             if runtime not in artifact_runtimes(name, entry["format"], entry["precision"]):
                 continue
-            precision = "fp16" if runtime == "ort-tensorrt" else entry["precision"]
+            precision = {"ort-tensorrt": "fp16", "openvino-bf16": "bf16"}.get(runtime, entry["precision"])
             path = bundle.path(name)
             reason = cuda_reason if device == "cuda" else None
-            if runtime.startswith("ort-"):
+            if runtime.startswith("openvino"):
+                hint = "bf16" if runtime == "openvino-bf16" else "f32"
+                reason = openvino_problem(hint)
+                runner: Runner = OpenVinoRunner(runtime, name, precision, options, path=path, precision_hint=hint)
+            elif runtime.startswith("ort-"):
                 provider = {"ort-cpu": "CPUExecutionProvider", "ort-tensorrt": "TensorrtExecutionProvider"}.get(
                     runtime, "CUDAExecutionProvider")
                 reason = provider_problem(provider) or reason
                 trt_cache = bundle.root / "trt-cache" / entry["sha256"][:16] if runtime == "ort-tensorrt" else None
-                runner: Runner = OrtRunner(runtime, name, precision, options, path=path, provider=provider,
+                runner = OrtRunner(runtime, name, precision, options, path=path, provider=provider,
                                            io_binding=runtime == "ort-cuda-iobinding", trt_cache=trt_cache)
             elif entry["format"] == "torchscript":
                 runner = TorchModuleRunner(runtime, name, precision, options, device=device,

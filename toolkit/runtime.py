@@ -15,8 +15,11 @@ One InferenceSession serves all threads (onnxruntime's `run` is thread-safe).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +39,7 @@ PROVIDER_ALIASES = {
 }
 # Self-test tolerance on the largest logit's scale: the same file on other hardware (other SIMD
 # kernels, other GPUs) differs by rounding, more for reduced precisions.
-SELFTEST_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 5e-2}
+SELFTEST_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 2e-2, "int8": 5e-2}
 
 
 @dataclass(frozen=True)
@@ -76,36 +79,102 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+class OrtBackend:
+    """onnxruntime: one InferenceSession, whose run() is safe to call from many threads."""
+
+    name = "onnxruntime"
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.output_name = session.get_outputs()[0].name
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def selftest_key(self, file: str) -> str:
+        return file
+
+    def run(self, crops: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: crops})[0]
+
+
+class OpenVinoBackend:
+    """OpenVINO on the CPU (when `rtk optimize` recommends it and openvino is installed). The
+    compiled model is shared; each thread gets its own infer request, which is not thread-safe."""
+
+    name = "openvino"
+
+    def __init__(self, path: Path, threads: int | None, precision_hint: str) -> None:
+        import openvino as ov
+
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision_hint, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.output = self.compiled.output(0)
+        self.hint = precision_hint
+        self.local = threading.local()
+
+    @property
+    def providers(self) -> list[str]:
+        return [f"OpenVINO CPU ({self.hint})"]
+
+    def selftest_key(self, file: str) -> str:
+        return f"{'openvino-bf16' if self.hint == 'bf16' else 'openvino'}:{file}"
+
+    def run(self, crops: np.ndarray) -> np.ndarray:
+        request = getattr(self.local, "request", None)
+        if request is None:
+            request = self.local.request = self.compiled.create_infer_request()
+        return np.array(request.infer({0: crops})[self.output], dtype=np.float32, copy=True)
+
+
 class Classifier:
     """An ONNX classifier with its labels and preprocessing, read from the model's own metadata."""
 
-    def __init__(self, session, path: Path, classes: list[str], spec: PreprocessSpec, precision: str,
+    def __init__(self, backend, path: Path, classes: list[str], spec: PreprocessSpec, precision: str,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
-        self.session = session
+        self.backend = backend
         self.path = path
         self.classes = classes
         self.spec = spec
         self.precision = precision
         self.max_pixels = max_pixels
-        self.input_name = session.get_inputs()[0].name
-        self.output_name = session.get_outputs()[0].name
 
     @classmethod
     def load(cls, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None,
-             self_test: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Classifier:
-        """Load a bundle folder (its recommended ONNX file, else model.onnx) or an ONNX file."""
+             self_test: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, runtime: str = "auto") -> Classifier:
+        """Load a bundle folder or an ONNX file.
+
+        A bundle serves the ONNX artifact `rtk optimize` recommended (else model.onnx), with the
+        recommended threads. `runtime="auto"` runs it on the recommended runtime when that is
+        installed (OpenVINO is optional: without it onnxruntime runs the same file, with a
+        warning); "onnxruntime" or "openvino" force one.
+        """
         import onnxruntime as ort
 
         path = Path(path)
-        model_path = _model_file(path)
+        model_path, recommended = _model_file(path)
+        if runtime not in ("auto", "onnxruntime", "openvino"):
+            raise RtkError(f"runtime must be auto, onnxruntime or openvino, got {runtime!r}")
+        use_openvino = runtime == "openvino" or (
+            runtime == "auto" and providers is None and str(recommended.get("runtime", "")).startswith("openvino"))
+        if use_openvino and importlib.util.find_spec("openvino") is None:
+            if runtime == "openvino":
+                raise RtkError("runtime openvino asked for, but openvino is not installed (pip install openvino)")
+            warnings.warn(f"{path} recommends {recommended['runtime']}, which is not installed here: serving "
+                          f"{model_path.name} with onnxruntime instead", stacklevel=2)
+            use_openvino = False
+        threads = threads or recommended.get("threads")
         wanted = resolve_providers(providers)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        if "CUDAExecutionProvider" in wanted or "TensorrtExecutionProvider" in wanted:
-            if hasattr(ort, "preload_dlls"):
-                ort.preload_dlls()
+        if ("CUDAExecutionProvider" in wanted or "TensorrtExecutionProvider" in wanted) and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
         try:
             session = ort.InferenceSession(str(model_path), options, providers=wanted)
         except Exception as exc:
@@ -120,29 +189,35 @@ class Classifier:
         width = session.get_outputs()[0].shape[-1]
         if isinstance(width, int) and width != len(classes):
             raise RtkError(f"{model_path}: {len(classes)} class names for {width} outputs")
-        clf = cls(session, model_path, classes, PreprocessSpec.from_dict(json.loads(meta["preprocess"])),
-                  meta.get("precision", "fp32"), max_pixels)
+        precision = meta.get("precision", "fp32")
+        backend: OrtBackend | OpenVinoBackend = OrtBackend(session)
+        if use_openvino:  # the metadata came from the onnxruntime session; OpenVINO serves
+            hint = "bf16" if recommended.get("runtime") == "openvino-bf16" else "f32"
+            backend = OpenVinoBackend(model_path, threads, hint)
+            precision = "bf16" if hint == "bf16" else precision
+        clf = cls(backend, model_path, classes, PreprocessSpec.from_dict(json.loads(meta["preprocess"])), precision, max_pixels)
         if self_test:
             clf.self_test()
         return clf
 
     @property
     def providers(self) -> list[str]:
-        return self.session.get_providers()
+        return self.backend.providers
 
     def logits(self, crops: np.ndarray) -> np.ndarray:
         """Raw logits for uint8 crops [N, S, S, 3]."""
-        return self.session.run([self.output_name], {self.input_name: crops})[0]
+        return self.backend.run(crops)
 
     def self_test(self) -> None:
         """Run the crops stored at export time; refuse to serve if this hardware gives other outputs."""
         stored = self.path.parent / SELFTEST
         if not stored.is_file():
             raise RtkError(f"no {SELFTEST} beside {self.path.name}: the self-test needs the bundle folder")
+        key = self.backend.selftest_key(self.path.name)
         with np.load(stored) as data:
-            if self.path.name not in data:
-                raise RtkError(f"{SELFTEST} has no expected outputs for {self.path.name}")
-            images, expected = data["images"], data[self.path.name]
+            if key not in data:
+                raise RtkError(f"{SELFTEST} has no expected outputs for {key}")
+            images, expected = data["images"], data[key]
         got = self.logits(images)
         tol = SELFTEST_TOLERANCE.get(self.precision, 5e-2) * max(1.0, float(np.abs(expected).max()))
         diff = float(np.abs(got - expected).max())
@@ -178,19 +253,22 @@ class Classifier:
         return [r for r in results if r is not None]
 
 
-def _model_file(path: Path) -> Path:
+def _model_file(path: Path) -> tuple[Path, dict[str, Any]]:
+    """The ONNX file to serve and the bundle's recommendation (empty when there is none)."""
     if path.is_file():
-        return path
+        return path, {}
     if not path.is_dir():
         raise RtkError(f"no such bundle or ONNX file: {path}")
     manifest = path / MANIFEST
-    name = "model.onnx"
+    recommended: dict[str, Any] = {}
     if manifest.is_file():
         recommended = json.loads(manifest.read_text(encoding="utf-8")).get("recommended") or {}
-        name = recommended.get("artifact", name) if str(recommended.get("artifact", "")).endswith(".onnx") else name
+    if not str(recommended.get("artifact", "")).endswith(".onnx"):
+        recommended = {}  # an eager/TorchScript recommendation needs torch: serve model.onnx instead
+    name = recommended.get("artifact", "model.onnx")
     if not (path / name).is_file():
         raise RtkError(f"{path} has no {name}")
-    return path / name
+    return path / name, recommended
 
 
 def _name(source: Any, index: int) -> str:

@@ -17,9 +17,10 @@ import numpy as np
 from toolkit.bundle import Bundle
 from toolkit.errors import CheckFailed, RtkError
 from toolkit.preprocess import PreprocessSpec, list_images, open_image
+from toolkit.runners import keeps_torch_threads
 
 DEFAULT_RUNTIMES = ("eager", "eager-cuda", "eager-fp16", "torchscript", "torchscript-cuda", "torch-export",
-                    "torch-export-cuda", "ort-cpu", "ort-cuda", "ort-tensorrt")
+                    "torch-export-cuda", "ort-cpu", "ort-cuda", "ort-tensorrt", "openvino", "openvino-bf16")
 BATCH = 32
 
 
@@ -238,6 +239,7 @@ def file_classes(path: Path, fmt: str) -> list[str] | None:
 # ---------------------------------------------------------------- the stage
 
 
+@keeps_torch_threads
 def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, random_images: int = 0,
                   checkpoint: str | Path | None = None, runtimes: list[str] | None = None, gates: Gates = Gates(),
                   threads: int | None = None, seed: int = 0, device: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from tests.conftest import copy_bundle, error_line, rtk
+from toolkit import runners
+from toolkit.export import QuantRecipe
+from toolkit.optimize import ORT_OPT_FILE, OptimizeConfig, format_table, optimize_bundle
+from toolkit.runtime import Classifier
+
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+QUICK = {"warmup": 0, "iterations": 2, "min_seconds": 0.0, "calibration_size": 12}
+
+
+def _broken_but_fast(src, dst):
+    """A model whose head is zeroed: every image gets the same class. It must never be recommended."""
+    model = onnx.load(str(src))
+    for init in model.graph.initializer:
+        if len(init.dims) == 2:  # the fc weight
+            init.CopyFrom(numpy_helper.from_array(np.zeros(tuple(init.dims), np.float32), init.name))
+    onnx.save(model, str(dst))
+
+
+@pytest.fixture(scope="module")
+def optimized(tiny_bundle, tiny_data, tmp_path_factory):
+    bundle = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("opt") / "b", files=("model.onnx", "model.fp16.onnx"))
+    _broken_but_fast(bundle / "model.onnx", bundle / "model.fp16.onnx")
+    config = OptimizeConfig(calibration_data=str(tiny_data), recipes=(QuantRecipe(), QuantRecipe(activations="s8")),
+                            batch_sizes=(1, 2), threads=1, **QUICK)
+    report = optimize_bundle(bundle, config, echo=lambda s: None)
+    return bundle, report
+
+
+def test_builds_missing_candidates_and_labels_the_hardware_specific_graph(optimized):
+    bundle, _ = optimized
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for name in ("model.int8.onnx", "model.int8-minmax-s8.onnx", ORT_OPT_FILE):
+        assert (bundle / name).is_file() and name in manifest["files"]
+    assert manifest["files"]["model.int8-minmax-s8.onnx"]["quantization"] == {
+        "calibration": "minmax", "activations": "s8", "per_channel": True}
+    label = manifest["files"][ORT_OPT_FILE]["hardware_specific"]
+    assert label["cpu"] and "avx512" in label["isa"] and label["onnxruntime"]
+    with np.load(bundle / "selftest.npz") as data:
+        assert {"model.int8.onnx", "model.int8-minmax-s8.onnx", ORT_OPT_FILE} <= set(data.files)
+
+
+def test_every_candidate_is_verified_and_only_passing_ones_are_timed(optimized):
+    _, report = optimized
+    rows = report["candidates"]
+    assert {r["runtime"] for r in rows} >= {"eager", "eager-bf16", "ort-cpu"} | ({"openvino", "openvino-bf16"} if HAS_OPENVINO else set())
+    settings = {r.get("settings") for r in rows if r["runtime"] == "ort-cpu" and r["artifact"] == "model.onnx"}
+    assert settings == {"1 threads, graph all", "1 threads, graph basic", "1 threads, graph extended"}
+    broken = next(r for r in rows if r["artifact"] == "model.fp16.onnx" and r["runtime"] == "ort-cpu")
+    assert broken["status"] == "failed verification" and "top1_agreement" in broken["failed_metrics"]
+    assert "b1" not in broken  # never benchmarked, so never ranked
+    for r in rows:
+        if r["status"] == "passed":
+            assert r["b1"]["p50_ms"] > 0 and r["b2"]["p50_ms"] > 0 and r["accuracy"] is not None
+            assert r["accuracy_change_points"] >= -0.5
+    eager = next(r for r in rows if r["runtime"] == "eager")
+    assert eager["b1"]["speedup_vs_eager"] == pytest.approx(1.0)
+
+
+def test_recommendation_is_the_fastest_passing_candidate(optimized):
+    bundle, report = optimized
+    rec = report["recommended"]
+    passed = [r for r in report["candidates"] if r["status"] == "passed"]
+    fastest = min(passed, key=lambda r: r["b1"]["p50_ms"])
+    assert (rec["runtime"], rec["artifact"], rec["settings"]) == (fastest["runtime"], fastest["artifact"], fastest["settings"])
+    assert rec["artifact"] != "model.fp16.onnx" and rec["threads"] == 1
+    assert json.loads((bundle / "manifest.json").read_text())["recommended"] == rec
+    text = format_table(report)
+    assert text.splitlines()[1].split()[0] == "1" and "recommended:" in text
+    assert "FAIL: top1_agreement" in text
+
+
+def test_classifier_serves_the_recommended_onnx_artifact(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", "model.int8.onnx"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["recommended"] = {"runtime": "ort-cpu", "artifact": "model.int8.onnx", "threads": 1}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    clf = Classifier.load(bundle, self_test=True)
+    assert clf.path.name == "model.int8.onnx" and clf.precision == "int8" and clf.backend.name == "onnxruntime"
+
+
+def test_openvino_recommendation(tiny_bundle, tiny_data, tmp_path, monkeypatch):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["recommended"] = {"runtime": "openvino", "artifact": "model.onnx", "threads": 1}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    images = sorted((tiny_data / "val").rglob("*.png"))
+    expected = [p.indices[0] for p in Classifier.load(bundle, runtime="onnxruntime").predict(images)]
+    if HAS_OPENVINO:
+        clf = Classifier.load(bundle)
+        assert clf.backend.name == "openvino" and clf.providers == ["OpenVINO CPU (f32)"]
+        assert [p.indices[0] for p in clf.predict(images)] == expected
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else object())
+    with pytest.warns(UserWarning, match="recommends openvino, which is not installed"):
+        clf = Classifier.load(bundle)
+    assert clf.backend.name == "onnxruntime"
+    with pytest.raises(Exception, match="openvino is not installed"):
+        Classifier.load(bundle, runtime="openvino")
+
+
+def test_openvino_runtime_skips_with_a_reason_without_the_extra(tiny_bundle, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_openvino(name, *a, **k):
+        if name.split(".")[0] == "openvino":
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    assert runners.openvino_problem() == "openvino is not installed (pip install -e '.[openvino]')"
+    from toolkit.bundle import Bundle
+
+    entries = runners.plan(Bundle.open(tiny_bundle), ["openvino"], lambda: None, runners.RunOptions())
+    assert entries and all(isinstance(e, runners.Skipped) and "not installed" in e.reason for e in entries)
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="the openvino extra is not installed")
+def test_openvino_takes_part_in_verify_and_benchmark(tiny_bundle, tiny_data, tmp_path):
+    result = rtk("verify", tiny_bundle, "--images", tiny_data / "val", "--runtime", "openvino", "--json", tmp_path / "v.json")
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "v.json").read_text())["records"]
+    assert {(r["artifact"], r["precision"]) for r in records} == {("model.onnx", "fp32"), ("model.int8.onnx", "int8")}
+    result = rtk("benchmark", tiny_bundle, "--runtime", "openvino", "--batch-size", "2", "--warmup", "0", "--iterations", "2",
+                 "--min-seconds", "0", "--threads", "1", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    measured = [r for r in json.loads((tmp_path / "b.json").read_text())["results"] if not r["skipped"]]
+    assert measured and all(r["details"]["threads"] == 1 for r in measured)
+
+
+def test_optimize_needs_a_holdout(tiny_bundle, tiny_data, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    result = rtk("optimize", bundle, "--calibration-data", tiny_data / "train")
+    assert result.exit_code == 2 and "--holdout" in error_line(result)

@@ -1,0 +1,284 @@
+"""`rtk optimize`: find the fastest CPU deployment of a bundle that still matches the eager model.
+
+Candidates: every CPU runtime on every ONNX/torch artifact (eager, eager-bf16, TorchScript,
+torch.export, onnxruntime at several graph-optimisation levels, OpenVINO f32/bf16/int8), int8
+variants (calibration method, signed/unsigned activations, per-channel or per-tensor weights) and
+onnxruntime's saved optimised graph. Each candidate is verified against the eager model on
+held-out labelled images; only those that pass are benchmarked; the fastest passing one is
+written to the manifest as `recommended`. A candidate that fails verification is never
+recommended, whatever its speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.bundle import Bundle
+from toolkit.env import cpu_info, usable_cpus, version_of
+from toolkit.errors import RtkError
+from toolkit.export import QuantRecipe, calibration_crops, metadata, write_int8
+from toolkit.fileio import atomic_path, sha256_file
+from toolkit.preprocess import PreprocessSpec
+from toolkit.runners import keeps_torch_threads
+from toolkit.verify import BATCH, Gates, compare, load_inputs, reference_logits
+
+DEFAULT_RECIPES = (
+    QuantRecipe(),
+    QuantRecipe(activations="s8"),
+    QuantRecipe(per_channel=False),
+    QuantRecipe(calibration="entropy"),
+    QuantRecipe(calibration="percentile"),
+)
+ORT_OPT_FILE = "model.ort-opt.onnx"
+EXTRA_ORT_LEVELS = ("basic", "extended")  # beside the default "all", on model.onnx
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    calibration_data: str
+    holdout: str | None = None
+    max_accuracy_drop: float = 0.5  # points of top-1 accuracy on the held-out images
+    batch_sizes: tuple[int, ...] = (1,)
+    threads: int | None = None
+    calibration_size: int = 200
+    recipes: tuple[QuantRecipe, ...] = DEFAULT_RECIPES
+    warmup: int = 10
+    iterations: int = 30
+    min_seconds: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_accuracy_drop < 0:
+            raise RtkError("--max-accuracy-drop must be >= 0 (points)")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise RtkError("--batch-size must be at least 1")
+
+
+def split_folders(calibration: str, holdout: str | None) -> tuple[Path, Path]:
+    """Calibration images and held-out labelled images: DIR/train + DIR/val when DIR has both."""
+    root = Path(calibration)
+    if not root.is_dir():
+        raise RtkError(f"calibration folder not found: {root}")
+    if holdout is not None:
+        return root, Path(holdout)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root / "train", root / "val"
+    raise RtkError(f"give --holdout DIR (labelled images the calibration never saw), or a {root} with train/ and val/")
+
+
+def _add_file(bundle: Bundle, name: str, entry: dict[str, Any]) -> None:
+    files = dict(bundle.manifest["files"])
+    path = bundle.path(name)
+    files[name] = {"format": "onnx", "sha256": sha256_file(path), "bytes": path.stat().st_size, **entry}
+    bundle.update("files", files)
+
+
+def build_candidates(bundle: Bundle, crops: np.ndarray, recipes: tuple[QuantRecipe, ...], echo) -> list[str]:
+    """Write the int8 variants and onnxruntime's optimised graph that the bundle lacks."""
+    if "model.onnx" not in bundle.files:
+        raise RtkError(f"{bundle.root} has no model.onnx: export with --format onnx first")
+    from toolkit.checkpoint import ModelSource
+
+    manifest = bundle.manifest
+    source = ModelSource(manifest["arch"], tuple(manifest["classes"]), PreprocessSpec.from_dict(manifest["preprocess"]),
+                         manifest["source"]["kind"], manifest["source"]["path"], manifest["source"]["sha256"],
+                         manifest["source"]["weights"])
+    built = []
+    for recipe in recipes:
+        name = recipe.file_name
+        if name in bundle.files:
+            continue
+        start = time.perf_counter()
+        with atomic_path(bundle.path(name)) as tmp:
+            write_int8(bundle.path("model.onnx"), tmp, crops, metadata(source, "int8", manifest.get("softmax", False)), recipe)
+        _add_file(bundle, name, {"precision": "int8", "exporter": f"onnxruntime quantize_static ({recipe.label})",
+                                 "quantization": asdict(recipe), "calibration_images": len(crops),
+                                 "seconds": round(time.perf_counter() - start, 3)})
+        built.append(name)
+        echo(f"built {name} ({recipe.label})")
+    if ORT_OPT_FILE not in bundle.files:
+        import onnxruntime as ort
+
+        from toolkit.runners import session_options
+
+        start = time.perf_counter()
+        with atomic_path(bundle.path(ORT_OPT_FILE)) as tmp:
+            ort.InferenceSession(str(bundle.path("model.onnx")), session_options(None, optimized_path=str(tmp)),
+                                 providers=["CPUExecutionProvider"])
+        cpu = cpu_info()
+        _add_file(bundle, ORT_OPT_FILE, {
+            "precision": "fp32", "exporter": "onnxruntime ORT_ENABLE_ALL, saved", "seconds": round(time.perf_counter() - start, 3),
+            # ORT_ENABLE_ALL lays tensors out for this CPU's vector width: only this kind of CPU should load it.
+            "hardware_specific": {"cpu": cpu.model, "isa": {k: v for k, v in cpu.to_dict().items() if isinstance(v, bool)},
+                                  "onnxruntime": version_of("onnxruntime") or version_of("onnxruntime-gpu")},
+        })
+        built.append(ORT_OPT_FILE)
+        echo(f"built {ORT_OPT_FILE} (onnxruntime's optimised graph, hardware-specific)")
+    return built
+
+
+def update_selftest(bundle: Bundle, outputs: dict[str, Any]) -> None:
+    """Add expected outputs to selftest.npz: {key: runner}, each run on the stored crops."""
+    from toolkit.bundle import SELFTEST
+
+    path = bundle.path(SELFTEST)
+    with np.load(path) as data:
+        arrays = dict(data)
+    for key, run in outputs.items():
+        arrays[key] = run(arrays["images"])
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+
+def candidates(bundle: Bundle, reference, threads: int):
+    """Every CPU runtime x artifact, plus onnxruntime at other graph-optimisation levels on model.onnx."""
+    from toolkit.runners import OrtRunner, RunOptions, plan, runtimes_on
+
+    options = RunOptions(threads=threads, profile_placement=False)
+    entries = plan(bundle, runtimes_on("cpu"), reference, options)
+    for level in EXTRA_ORT_LEVELS:
+        entries.append(OrtRunner("ort-cpu", "model.onnx", "fp32", dataclasses.replace(options, ort_graph_optimization=level),
+                                 path=bundle.path("model.onnx")))
+    return entries
+
+
+def settings(runner) -> str:
+    d = runner.details
+    parts = [f"{runner.options.threads} threads"]
+    if "graph_optimization" in d:
+        parts.append(f"graph {d['graph_optimization']}")
+    if "precision_hint" in d:
+        parts.append(f"precision {d['precision_hint']}")
+    return ", ".join(parts)
+
+
+@keeps_torch_threads
+def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    import torch
+
+    from toolkit.benchmark import latency_stats, time_runner
+    from toolkit.checkpoint import source_from_manifest
+    from toolkit.runners import Runner, RuntimeUnavailable, Skipped
+
+    bundle = Bundle.open(bundle_path)
+    spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
+    calib_dir, holdout_dir = split_folders(config.calibration_data, config.holdout)
+    model, _ = source_from_manifest(bundle.manifest)
+    holdout = load_inputs(holdout_dir, 0, spec, bundle.classes, config.seed)
+    if holdout.labels is None:
+        raise RtkError(f"{holdout_dir} must be an ImageFolder whose class folders are the bundle's classes")
+    crops = calibration_crops(str(calib_dir), config.calibration_size, spec, config.seed)
+    built = build_candidates(bundle, crops, config.recipes, echo)
+    update_selftest(bundle, {name: _ort_cpu(bundle.path(name)) for name in built})
+    threads = config.threads or usable_cpus()
+    torch.set_num_threads(threads)
+    reference = reference_logits(model, spec, holdout.crops)
+    gates = Gates()
+    rows: list[dict[str, Any]] = []
+    eager_p50: dict[int, float] = {}
+    rng = np.random.default_rng(config.seed)
+    batches = {b: rng.integers(0, 256, (b, spec.crop_size, spec.crop_size, 3), dtype=np.uint8) for b in config.batch_sizes}
+    kept = []
+    for entry in candidates(bundle, lambda: (model, spec), threads):
+        row: dict[str, Any] = {"runtime": entry.runtime, "artifact": entry.artifact, "precision": entry.precision}
+        if isinstance(entry, Skipped):
+            rows.append({**row, "status": "skipped", "reason": entry.reason})
+            continue
+        assert isinstance(entry, Runner)
+        try:
+            entry.load()
+        except RuntimeUnavailable as exc:
+            rows.append({**row, "status": "skipped", "reason": str(exc)})
+            continue
+        row["settings"] = settings(entry)
+        row["threads"] = threads
+        out = np.concatenate([entry(holdout.crops[i : i + BATCH]) for i in range(0, len(holdout.crops), BATCH)])
+        m = compare(out, reference, holdout.names, holdout.labels, entry.precision, gates)
+        drop_points = -100 * m["accuracy_change"]
+        failed = list(m["failed_metrics"]) + (["max_accuracy_drop"] if drop_points > config.max_accuracy_drop + 1e-9 else [])
+        row.update(accuracy=m["accuracy"], reference_accuracy=m["reference_accuracy"],
+                   accuracy_change_points=100 * m["accuracy_change"], top1_agreement=m["top1_agreement"],
+                   max_abs_diff=m["max_abs_diff"], failed_metrics=failed, passed=not failed)
+        if failed:
+            rows.append({**row, "status": "failed verification"})
+            echo(f"{entry.runtime:<14} {entry.artifact:<36} {row['settings']:<30} FAILED ({', '.join(failed)})")
+            continue
+        for b in config.batch_sizes:
+            stats = latency_stats(time_runner(entry.run_prepared, entry.prepare(batches[b]), config.warmup,
+                                              config.iterations, config.min_seconds), b)
+            row[f"b{b}"] = stats
+            if entry.runtime == "eager":
+                eager_p50[b] = stats["p50_ms"]
+        rows.append({**row, "status": "passed"})
+        if entry.runtime.startswith("openvino"):
+            kept.append(entry)
+        echo(f"{entry.runtime:<14} {entry.artifact:<36} {row['settings']:<30} "
+             + "  ".join(f"b{b} p50 {row[f'b{b}']['p50_ms']:.2f} ms" for b in config.batch_sizes)
+             + f"  accuracy {100 * m['accuracy']:.2f}% ({row['accuracy_change_points']:+.2f} pt)")
+    for row in rows:
+        for b in config.batch_sizes:
+            if f"b{b}" in row and b in eager_p50:
+                row[f"b{b}"]["speedup_vs_eager"] = eager_p50[b] / row[f"b{b}"]["p50_ms"]
+    first = config.batch_sizes[0]
+    ranked = sorted((r for r in rows if r["status"] == "passed"), key=lambda r: r[f"b{first}"]["p50_ms"])
+    if not ranked:
+        raise RtkError("no candidate passed verification: nothing to recommend")
+    best = ranked[0]
+    recommended = {"runtime": best["runtime"], "artifact": best["artifact"], "precision": best["precision"],
+                   "threads": threads, "settings": best["settings"], "batch_size": first,
+                   "p50_ms": best[f"b{first}"]["p50_ms"], "speedup_vs_eager": best[f"b{first}"].get("speedup_vs_eager"),
+                   "accuracy_change_points": best["accuracy_change_points"]}
+    report = {"holdout": str(holdout_dir), "holdout_images": len(holdout.crops), "calibration": str(calib_dir),
+              "calibration_images": len(crops), "max_accuracy_drop_points": config.max_accuracy_drop,
+              "batch_sizes": list(config.batch_sizes), "threads": threads, "cpu": cpu_info().to_dict(),
+              "ranking": [f"{r['runtime']}:{r['artifact']}:{r['settings']}" for r in ranked],
+              "candidates": rows, "recommended": recommended}
+    if best["runtime"].startswith("openvino"):  # what a service's self-test will compare against
+        runner = next(e for e in kept if e.runtime == best["runtime"] and e.artifact == best["artifact"])
+        update_selftest(bundle, {f"{best['runtime']}:{best['artifact']}": runner})
+    bundle.update("optimization", report)
+    bundle.update("recommended", recommended)
+    return report
+
+
+def _ort_cpu(path: Path):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def format_table(report: dict[str, Any], markdown: bool = False) -> str:
+    """Ranked candidates: passing ones by p50 at the first batch size, then failed and skipped ones."""
+    sizes = report["batch_sizes"]
+    head = ["rank", "runtime", "artifact", "precision", "settings"] + [h for b in sizes for h in (f"b{b} p50 ms", f"b{b} vs eager")] + [
+        "accuracy", "change (pt)", "result"]
+    passed = sorted((r for r in report["candidates"] if r["status"] == "passed"), key=lambda r: r[f"b{sizes[0]}"]["p50_ms"])
+    others = [r for r in report["candidates"] if r["status"] != "passed"]
+    body = []
+    for i, r in enumerate(passed + others, 1):
+        cells = [str(i) if r["status"] == "passed" else "-", r["runtime"], r["artifact"], r["precision"], r.get("settings", "")]
+        for b in sizes:
+            stats = r.get(f"b{b}")
+            cells += [f"{stats['p50_ms']:.2f}", f"{stats.get('speedup_vs_eager', 0):.2f}x"] if stats else ["-", "-"]
+        cells += [f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-",
+                  f"{r['accuracy_change_points']:+.2f}" if r.get("accuracy_change_points") is not None else "-",
+                  "pass" if r["status"] == "passed" else (f"FAIL: {', '.join(r['failed_metrics'])}"
+                                                           if r["status"] == "failed verification" else f"skipped: {r['reason']}")]
+        body.append(cells)
+    rec = report["recommended"]
+    footer = (f"recommended: {rec['runtime']} on {rec['artifact']} ({rec['settings']}): p50 {rec['p50_ms']:.2f} ms at batch "
+              f"{rec['batch_size']}, {rec['speedup_vs_eager'] or 0:.2f}x eager fp32, accuracy change {rec['accuracy_change_points']:+.2f} pt")
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
+        return "\n".join(lines) + f"\n\n**{footer}**"
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in [head, *body]) + "\n" + footer
