@@ -10,6 +10,7 @@ PY=${PY:-.venv/bin/python}
 WORK=${WORK:-artifacts/bench}
 RESULTS=${RESULTS:-benchmarks/results}
 TAG=${TAG:-$(hostname -s)}
+MIN_SECONDS=${MIN_SECONDS:-3}
 mkdir -p "$WORK" "$RESULTS"
 [ -d "$WORK/digits" ] || $RTK data digits "$WORK/digits" --size 64
 for arch in resnet18 resnet50; do
@@ -18,6 +19,6 @@ for arch in resnet18 resnet50; do
     --format onnx --format torchscript --format pt2 --precision fp32 --precision int8 \
     --calibration-data "$WORK/digits/train" --calibration-size 100 --force --no-verify
   $RTK benchmark "$WORK/$arch" --runtime eager --runtime eager-bf16 --runtime torchscript --runtime torch-export \
-    --runtime ort-cpu --batch-size 1 --batch-size 8 --warmup 10 --iterations 30 --min-seconds 3 \
+    --runtime ort-cpu --batch-size 1 --batch-size 8 --warmup 10 --iterations 30 --min-seconds "$MIN_SECONDS" \
     --json "$RESULTS/cpu-$arch-$TAG.json" --markdown "$RESULTS/cpu-$arch-$TAG.md"
 done

@@ -87,3 +87,35 @@ def test_usage_errors_exit_2(args):
     assert result.exit_code in (0, 2)
     if args[-1] != "--help":
         assert result.exit_code == 2
+
+
+def test_doctor_names_the_library_the_cuda_provider_misses(monkeypatch, tmp_path):
+    import ctypes
+    import types
+
+    capi = tmp_path / "onnxruntime" / "capi"
+    capi.mkdir(parents=True)
+    (capi / "libonnxruntime_providers_cuda.so").write_bytes(b"")
+    fake_ort = types.SimpleNamespace(__file__=str(tmp_path / "onnxruntime" / "__init__.py"),
+                                     get_available_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                     preload_dlls=lambda: None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake_ort)
+
+    def missing(path, *a, **k):
+        raise OSError("libcudnn.so.9: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert "libcudnn.so.9" in env.cuda_provider_problem()
+
+
+def test_tensorrt_without_its_libraries_is_unavailable(monkeypatch):
+    import ctypes.util
+    import types
+
+    from toolkit import runners
+
+    fake_ort = types.SimpleNamespace(get_available_providers=lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake_ort)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setattr(runners, "_loadable", lambda lib: False)
+    assert "libnvinfer" in runners.provider_problem("TensorrtExecutionProvider")

@@ -155,6 +155,7 @@ def _plots(out: Path, predictions: dict[str, Any], bench: dict[str, Any], classe
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     files = {}
     rows = list(csv.DictReader((out / "train" / "history.csv").open()))
@@ -162,10 +163,12 @@ def _plots(out: Path, predictions: dict[str, Any], bench: dict[str, Any], classe
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax1.plot(epochs, [float(r["train_loss"]) for r in rows], "o-", label="train loss")
     ax1.plot(epochs, [float(r["val_loss"]) for r in rows], "o-", label="val loss")
-    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss (log scale)"), ax1.set_yscale("log"), ax1.legend(), ax1.grid(alpha=0.3)
     ax2.plot(epochs, [float(r["train_top1"]) for r in rows], "o-", label="train top-1")
     ax2.plot(epochs, [float(r["val_top1"]) for r in rows], "o-", label="val top-1")
     ax2.set_xlabel("epoch"), ax2.set_ylabel("accuracy"), ax2.set_ylim(0, 1.01), ax2.legend(), ax2.grid(alpha=0.3)
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(out / "training.png", dpi=110)
     plt.close(fig)

@@ -97,9 +97,10 @@ def build_candidates(bundle: Bundle, crops: np.ndarray, recipes: tuple[QuantReci
             continue
         start = time.perf_counter()
         with atomic_path(bundle.path(name)) as tmp:
-            write_int8(bundle.path("model.onnx"), tmp, crops, metadata(source, "int8", manifest.get("softmax", False)), recipe)
+            used = write_int8(bundle.path("model.onnx"), tmp, crops, metadata(source, "int8", manifest.get("softmax", False)),
+                              recipe)
         _add_file(bundle, name, {"precision": "int8", "exporter": f"onnxruntime quantize_static ({recipe.label})",
-                                 "quantization": asdict(recipe), "calibration_images": len(crops),
+                                 "quantization": asdict(recipe), "calibration_images": used,
                                  "seconds": round(time.perf_counter() - start, 3)})
         built.append(name)
         echo(f"built {name} ({recipe.label})")
@@ -236,7 +237,11 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
                    "threads": threads, "settings": best["settings"], "batch_size": first,
                    "p50_ms": best[f"b{first}"]["p50_ms"], "speedup_vs_eager": best[f"b{first}"].get("speedup_vs_eager"),
                    "accuracy_change_points": best["accuracy_change_points"]}
-    report = {"holdout": str(holdout_dir), "holdout_images": len(holdout.crops), "calibration": str(calib_dir),
+    from toolkit.env import library_versions
+
+    report = {"arch": bundle.manifest["arch"], "image_size": spec.crop_size,
+              "versions": {**library_versions(), "openvino": version_of("openvino")},
+              "holdout": str(holdout_dir), "holdout_images": len(holdout.crops), "calibration": str(calib_dir),
               "calibration_images": len(crops), "max_accuracy_drop_points": config.max_accuracy_drop,
               "batch_sizes": list(config.batch_sizes), "threads": threads, "cpu": cpu_info().to_dict(),
               "ranking": [f"{r['runtime']}:{r['artifact']}:{r['settings']}" for r in ranked],
@@ -278,7 +283,14 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
     footer = (f"recommended: {rec['runtime']} on {rec['artifact']} ({rec['settings']}): p50 {rec['p50_ms']:.2f} ms at batch "
               f"{rec['batch_size']}, {rec['speedup_vs_eager'] or 0:.2f}x eager fp32, accuracy change {rec['accuracy_change_points']:+.2f} pt")
     if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
+        v = report.get("versions", {})
+        title = [f"# rtk optimize: {report.get('arch', '?')} at {report.get('image_size', '?')} px", "",
+                 f"CPU: {report['cpu']['model']} ({report['cpu']['usable_cpus']} usable CPUs, AMX {report['cpu']['amx']}); "
+                 f"{report['threads']} threads; torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, openvino {v.get('openvino')}.",
+                 f"Verified on {report['holdout_images']} held-out labelled images ({report['holdout']}); int8 calibrated on "
+                 f"{report['calibration_images']} images of {report['calibration']}; max accuracy drop "
+                 f"{report['max_accuracy_drop_points']} pt. Latency: p50 per call; `vs eager` is eager fp32 p50 / this p50.", ""]
+        lines = title + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
         return "\n".join(lines) + f"\n\n**{footer}**"
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in [head, *body]) + "\n" + footer

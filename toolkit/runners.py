@@ -220,7 +220,23 @@ def provider_problem(provider: str) -> str | None:
     available = ort.get_available_providers()
     if provider not in available:
         return f"{provider} not in onnxruntime's providers {available}"
+    if provider == "TensorrtExecutionProvider":
+        import ctypes.util
+
+        # onnxruntime-gpu lists TensorRT even without its libraries, then falls back to CUDA at session creation.
+        if ctypes.util.find_library("nvinfer") is None and not _loadable("libnvinfer.so.10"):
+            return "TensorRT's libraries (libnvinfer) are not installed: onnxruntime lists the provider but cannot use it"
     return None
+
+
+def _loadable(library: str) -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL(library)
+        return True
+    except OSError:
+        return False
 
 
 ORT_GRAPH_LEVELS = ("disable", "basic", "extended", "all")
