@@ -151,7 +151,3 @@ class ImageDataset:
     def __getitem__(self, index: int):
         sample = self.samples[index]
         return self.transform(open_image(sample.path, max_pixels=None)), sample.label
-
-    @property
-    def targets(self) -> list[int]:
-        return [s.label for s in self.samples]
