@@ -27,7 +27,7 @@ from toolkit.export import QuantRecipe, calibration_crops, metadata, write_int8
 from toolkit.fileio import atomic_path, sha256_file
 from toolkit.preprocess import PreprocessSpec
 from toolkit.runners import keeps_torch_threads
-from toolkit.verify import BATCH, Gates, compare, load_inputs, reference_logits
+from toolkit.verify import Gates, compare, load_inputs, reference_logits, run_batched
 
 DEFAULT_RECIPES = (
     QuantRecipe(),
@@ -201,7 +201,7 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
             continue
         row["settings"] = settings(entry)
         row["threads"] = threads
-        out = np.concatenate([entry(holdout.crops[i : i + BATCH]) for i in range(0, len(holdout.crops), BATCH)])
+        out = run_batched(entry, holdout.crops)
         m = compare(out, reference, holdout.names, holdout.labels, entry.precision, gates)
         drop_points = -100 * m["accuracy_change"]
         failed = list(m["failed_metrics"]) + (["max_accuracy_drop"] if drop_points > config.max_accuracy_drop + 1e-9 else [])

@@ -387,7 +387,8 @@ def openvino_problem(precision_hint: str = "f32") -> str | None:
 
 @dataclass
 class OpenVinoRunner(Runner):
-    """An ONNX file compiled by OpenVINO for the CPU, with an inference-precision hint (f32 or bf16)."""
+    """An ONNX file compiled by OpenVINO for the CPU, with an inference-precision hint (f32 or bf16).
+    Runs through the production runtime's OpenVINO backend, so verify/benchmark measure what serves."""
 
     path: Path = Path()
     precision_hint: str = "f32"
@@ -398,18 +399,14 @@ class OpenVinoRunner(Runner):
             raise RuntimeUnavailable(problem)
         import openvino as ov
 
-        config = {"INFERENCE_PRECISION_HINT": self.precision_hint, "PERFORMANCE_HINT": "LATENCY"}
-        if self.options.threads:
-            config["INFERENCE_NUM_THREADS"] = self.options.threads
-        self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
-        self.request = self.compiled.create_infer_request()
-        self.output = self.compiled.output(0)
+        from toolkit.runtime import OpenVinoBackend
+
+        self.backend = OpenVinoBackend(self.path, self.options.threads, self.precision_hint)
         self.details.update(openvino=ov.get_version(), precision_hint=self.precision_hint, threads=self.options.threads,
-                            compiled_precision=str(self.compiled.get_property("INFERENCE_PRECISION_HINT")))
+                            compiled_precision=str(self.backend.compiled.get_property("INFERENCE_PRECISION_HINT")))
 
     def run_prepared(self, prepared: np.ndarray) -> np.ndarray:
-        # share_outputs=False: the result must outlive the next call on this request
-        return np.array(self.request.infer({0: prepared})[self.output], dtype=np.float32, copy=True)
+        return self.backend.run(prepared)
 
 
 # ---------------------------------------------------------------- planning

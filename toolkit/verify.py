@@ -216,6 +216,11 @@ def preprocess_difference(spec: PreprocessSpec, crops: np.ndarray) -> float:
     return float((ours - theirs).abs().max())
 
 
+def run_batched(runner, crops: np.ndarray) -> np.ndarray:
+    """A runner's logits for all crops, BATCH at a time."""
+    return np.concatenate([runner(crops[i : i + BATCH]) for i in range(0, len(crops), BATCH)])
+
+
 def file_classes(path: Path, fmt: str) -> list[str] | None:
     """The class names stored inside a model file's metadata."""
     if fmt == "onnx":
@@ -276,7 +281,7 @@ def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, ran
                 skipped.append(asdict(entry))
                 continue
             assert isinstance(entry, Runner)
-            out = np.concatenate([entry(inputs.crops[i : i + BATCH]) for i in range(0, len(inputs.crops), BATCH)])
+            out = run_batched(entry, inputs.crops)
             m = compare(out, ref, inputs.names, inputs.labels, entry.precision, gates)
             if entry.artifact in bundle.files:
                 fmt = bundle.files[entry.artifact]["format"]
