@@ -31,6 +31,9 @@ def test_config_validation():
         BenchConfig(batch_sizes=(0,))
     with pytest.raises(RtkError):
         BenchConfig(threads=0)
+    with pytest.raises(RtkError, match="one input shape"):
+        BenchConfig(cuda_graph=True, batch_sizes=(1, 8))
+    assert BenchConfig(cuda_graph=True, batch_sizes=(8,)).cuda_graph
 
 
 def test_benchmark_structure_percentiles_skips_and_threads(tiny_bundle, tmp_path):

@@ -50,6 +50,8 @@ class BenchConfig:
             raise RtkError("--warmup must be >= 0, --iterations >= 1, --min-seconds >= 0")
         if self.threads is not None and self.threads < 1:
             raise RtkError("--threads must be at least 1")
+        if self.cuda_graph and (len(self.batch_sizes) != 1 or self.sweep):
+            raise RtkError("--cuda-graph captures one input shape: give exactly one --batch-size and no --sweep")
 
     @property
     def thread_count(self) -> int:
@@ -118,7 +120,7 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
     import torch
 
     from toolkit.checkpoint import source_from_manifest
-    from toolkit.runners import Runner, RunOptions, Skipped, plan, require_named, runtimes_on
+    from toolkit.runners import RUNTIMES, Runner, RunOptions, Skipped, plan, require_named, runtimes_on
 
     bundle = Bundle.open(bundle_path)
     spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
@@ -151,7 +153,7 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
             echo(f"{entry.runtime:<19} {entry.artifact:<16} skipped: {reason}")
             continue
         cold = time.perf_counter() - start
-        if entry.runtime.endswith("cuda") or entry.runtime in ("eager-fp16", "ort-cuda-iobinding", "ort-tensorrt"):
+        if RUNTIMES[entry.runtime][0] == "cuda":
             _cuda_sync()
             torch.cuda.reset_peak_memory_stats()
         for b in config.batch_sizes:

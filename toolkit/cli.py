@@ -246,7 +246,7 @@ def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **opt
 @click.option("--min-seconds", default=2.0, show_default=True, help="... and at least this long.")
 @click.option("--threads", type=int, default=None, help="torch and onnxruntime threads [CPUs in this process's affinity].")
 @click.option("--sweep", is_flag=True, help="Also try thread counts x batch sizes; report best latency and throughput.")
-@click.option("--cuda-graph", is_flag=True, help="onnxruntime CUDA graphs for the IO-binding runtime.")
+@click.option("--cuda-graph", is_flag=True, help="onnxruntime CUDA graphs for the IO-binding runtime (one --batch-size).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None)
