@@ -115,6 +115,13 @@ class ModelSource:
         return {"kind": self.kind, "arch": self.arch, "path": self.path, "sha256": self.sha256,
                 "weights": self.weights, "num_classes": len(self.classes)}
 
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> ModelSource:
+        """The source a bundle's manifest records (`to_dict` plus the bundle's classes and preprocessing)."""
+        src = manifest["source"]
+        return cls(src["arch"], tuple(manifest["classes"]), PreprocessSpec.from_dict(manifest["preprocess"]),
+                   src["kind"], src["path"], src["sha256"], src["weights"])
+
 
 def load_source(checkpoint: str | Path | None = None, arch: str | None = None, weights: str | None = None,
                 num_classes: int | None = None, image_size: int | None = None) -> tuple[nn.Module, ModelSource]:

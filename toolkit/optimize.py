@@ -87,9 +87,7 @@ def build_candidates(bundle: Bundle, crops: np.ndarray, recipes: tuple[QuantReci
     from toolkit.checkpoint import ModelSource
 
     manifest = bundle.manifest
-    source = ModelSource(manifest["arch"], tuple(manifest["classes"]), PreprocessSpec.from_dict(manifest["preprocess"]),
-                         manifest["source"]["kind"], manifest["source"]["path"], manifest["source"]["sha256"],
-                         manifest["source"]["weights"])
+    source = ModelSource.from_manifest(manifest)
     built = []
     for recipe in recipes:
         name = recipe.file_name
@@ -255,10 +253,12 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
 
 
 def _ort_cpu(path: Path):
+    """The file's logits on onnxruntime CPU, as the production runtime computes them."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {session.get_inputs()[0].name: x})[0]
+    from toolkit.runtime import OrtBackend
+
+    return OrtBackend(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])).run
 
 
 def format_table(report: dict[str, Any], markdown: bool = False) -> str:
