@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,14 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from tests.conftest import TRAIN_ARGS, error_line, rtk
 from toolkit import env
-from toolkit.checkpoint import load_checkpoint
+from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
 from toolkit.errors import RtkError
 from toolkit.fileio import atomic_path
 from toolkit.models import ARCHS
-from toolkit.train import TrainConfig, lr_factor, resolve_runtime
+from toolkit.train import BF16_CPU_MIN_IMAGE_SIZE, TrainConfig, lr_factor, resolve_runtime, train_step
 
 
 def test_outputs_and_self_describing_checkpoint(tiny_run):
@@ -67,6 +69,35 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert _same(_weights(tmp_path / "straight" / "last.pt"), resumed["state_dict"])
 
 
+def test_a_step_with_a_non_finite_loss_or_gradients_leaves_the_model_as_it_was(tiny_run):
+    model = model_from_checkpoint(load_checkpoint(tiny_run / "checkpoint.pt")).train()
+    runtime = resolve_runtime(TrainConfig(precision="fp32"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images, targets = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+
+    def step(batch):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        _, _, applied = train_step(model, batch, targets, optimizer, scaler, nn.CrossEntropyLoss(), runtime)
+        return applied, _same(before, model.state_dict())
+
+    poisoned = images.clone()
+    poisoned[0, 0, 0, 0] = float("inf")
+    assert step(poisoned) == (False, True)  # weights and BatchNorm statistics untouched
+    assert step(images) == (True, False)
+
+
+def test_training_that_only_produces_non_finite_steps_stops_with_an_error(tiny_data, tiny_run, tmp_path):
+    state = _weights(tiny_run / "checkpoint.pt")
+    state["fc.bias"] = torch.full_like(state["fc.bias"], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    args = [a if a != "none" else str(tmp_path / "nan.pt") for a in TRAIN_ARGS]
+    result = rtk("train", tiny_data, "--output", tmp_path / "out", *args)
+    assert result.exit_code == 2
+    assert error_line(result).startswith("Error: training diverged: every step of epoch 1")
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
 def test_freeze_backbone_trains_only_the_head(tiny_data, tiny_run, tmp_path):
     result = rtk("train", tiny_data, "--output", tmp_path / "frozen", *TRAIN_ARGS, "--freeze-backbone",
                  "--weights", tiny_run / "checkpoint.pt")
@@ -102,9 +133,39 @@ def test_precision_auto_follows_the_cpu(monkeypatch):
     assert resolve_runtime(TrainConfig(device="cpu")).precision == "fp32"
     with pytest.raises(RtkError, match="fp16 needs CUDA"):
         resolve_runtime(TrainConfig(device="cpu", precision="fp16"))
+    monkeypatch.setattr("toolkit.train.cpu_info", lambda: fast)
+    small = BF16_CPU_MIN_IMAGE_SIZE
+    assert resolve_runtime(TrainConfig(device="cpu", image_size=small, resize_size=small)).precision == "fp32"
+    with pytest.raises(RtkError, match="wrong gradients for images of 16 px"):
+        resolve_runtime(TrainConfig(device="cpu", precision="bf16", image_size=small, resize_size=small))
+    assert resolve_runtime(TrainConfig(device="cpu", image_size=small + 1, resize_size=small + 1)).precision == "bf16"
     if not torch.cuda.is_available():
         with pytest.raises(RtkError, match="is_available"):
             resolve_runtime(TrainConfig(device="cuda"))
+
+
+def _bf16_weight_grad_error(input_size: int) -> float:
+    """Worst relative error of a bf16 3x3 stride-2 conv's weight gradient against float64 on the same operands."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 128, 3, 2, 1, bias=False).to(memory_format=torch.channels_last)
+    worst = 0.0
+    for _ in range(20):
+        x = torch.randn(8, 64, input_size, input_size).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+        dy = torch.randn(y.shape).to(torch.bfloat16)
+        conv.weight.grad = None
+        y.float().backward(dy.float())
+        w = conv.weight.detach().to(torch.bfloat16).double().requires_grad_()
+        nn.functional.conv2d(x.to(torch.bfloat16).double(), w, None, 2, 1).backward(dy.double())
+        error = float((conv.weight.grad.double() - w.grad).abs().max() / w.grad.abs().max())
+        worst = max(worst, error if math.isfinite(error) else math.inf)
+    return worst
+
+
+def test_bf16_on_the_cpu_is_allowed_from_the_size_where_its_gradients_are_right():
+    # At BF16_CPU_MIN_IMAGE_SIZE + 1 px, the smallest input any ResNet stride-2 3x3 conv sees is 2x2.
+    assert _bf16_weight_grad_error(2) < 0.02
 
 
 def test_every_torchvision_resnet_builds():

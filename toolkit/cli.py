@@ -128,7 +128,7 @@ def data_digits(out: Path, size: int, val_fraction: float, seed: int) -> None:
 @click.option("--workers", type=int, default=None, help="Data loader processes [from the usable CPUs].")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16, fp16 AMP on CUDA, else fp32.")
+              help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16 (images over 16 px), fp16 AMP on CUDA, else fp32.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--strict", is_flag=True, help="Fail on an undecodable image instead of skipping it.")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,

@@ -29,6 +29,7 @@ from toolkit.models import HEAD_PREFIX, build, check_arch, load_weights
 from toolkit.preprocess import PreprocessSpec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BF16_CPU_MIN_IMAGE_SIZE = 16  # see resolve_runtime
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -116,10 +117,17 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     precision = config.precision
+    # Measured with torch 2.14 (oneDNN 3.12): on the CPU, the bf16 weight gradient of a 3x3 stride-2 conv over a
+    # 1x1 feature map is garbage (uninitialised values, sometimes NaN). ResNet has such a conv when its input
+    # is 16 px or smaller; the forward pass is right, so only training is affected.
+    bf16_cpu_broken = config.image_size <= BF16_CPU_MIN_IMAGE_SIZE
     if precision == "auto":
-        precision = "fp16" if use_cuda else ("bf16" if cpu_info().fast_bf16 else "fp32")
+        precision = "fp16" if use_cuda else ("bf16" if cpu_info().fast_bf16 and not bf16_cpu_broken else "fp32")
     if precision == "fp16" and not use_cuda:
         raise RtkError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
+    if precision == "bf16" and not use_cuda and bf16_cpu_broken:
+        raise RtkError(f"--precision bf16 on the CPU computes wrong gradients for images of {BF16_CPU_MIN_IMAGE_SIZE} px "
+                       f"or less (oneDNN); use --precision fp32 or --image-size {BF16_CPU_MIN_IMAGE_SIZE + 1} or more")
     return Runtime(device=device, precision=precision, rank=rank, world_size=world)
 
 
@@ -200,19 +208,36 @@ class Progress:
 
 def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, criterion: nn.Module, runtime: Runtime,
-               memory_format: torch.memory_format = torch.channels_last) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step under the runtime's autocast; returns (logits, loss)."""
+               memory_format: torch.memory_format = torch.channels_last) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One optimisation step under the runtime's autocast; returns (logits, loss, whether the step was applied).
+
+    A step whose loss or gradients are not finite is skipped, so one bad batch cannot put NaN into the
+    weights. fp16 leaves that to its GradScaler, whose skipped steps while it finds its scale are normal.
+    """
     images = images.to(runtime.device, non_blocking=True).contiguous(memory_format=memory_format)
     targets = targets.to(runtime.device, non_blocking=True)
+    buffers = [b.detach().clone() for b in model.buffers()]  # BatchNorm statistics: small, and a skip restores them
     with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
                         enabled=runtime.autocast_dtype is not None):
         logits = model(images)
         loss = criterion(logits.float(), targets)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return logits, loss
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+        applied = bool(torch.isfinite(loss))
+    else:
+        # A NaN or inf anywhere makes the sum non-finite; summing is >10x cheaper than isfinite() per element.
+        grad_sum = torch.stack([p.grad.sum() for p in model.parameters() if p.grad is not None]).sum()
+        applied = bool(torch.isfinite(loss + grad_sum))
+        if applied:
+            optimizer.step()
+    if not applied:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
+    return logits, loss, applied
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> int:
@@ -335,16 +360,24 @@ def train(data: str | Path, output: str | Path, config: TrainConfig, resume: str
             sampler.set_epoch(epoch)
         set_train_mode(model, frozen)
         bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", progress and runtime.is_main)
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, counted, seen, skipped = 0.0, 0, 0, 0, 0
         start = time.perf_counter()
         for step, (images, targets) in enumerate(train_loader):
-            logits, loss = train_step(wrapped, images, targets, optimizer, scaler, criterion, runtime)
+            logits, loss, applied = train_step(wrapped, images, targets, optimizer, scaler, criterion, runtime)
             scheduler.step()
-            loss_sum += float(loss.detach()) * len(targets)
-            correct += topk_correct(logits.detach(), targets, 1)
             seen += len(targets)
+            if applied:  # the loss and accuracy of the steps that went into the weights
+                loss_sum += float(loss.detach()) * len(targets)
+                correct += topk_correct(logits.detach(), targets, 1)
+                counted += len(targets)
+            else:
+                skipped += 1
             elapsed = time.perf_counter() - start
-            bar.update(step + 1, f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f} {seen * runtime.world_size / elapsed:.1f} img/s")
+            bar.update(step + 1, f"loss {loss_sum / max(counted, 1):.4f} acc {correct / max(counted, 1):.3f} "
+                                 f"{seen * runtime.world_size / elapsed:.1f} img/s")
+        if skipped == steps_per_epoch:
+            raise RtkError(f"training diverged: every step of epoch {epoch + 1} had a non-finite loss or gradients; "
+                           "lower --lr or use --precision fp32")
         if runtime.device.type == "cuda":
             torch.cuda.synchronize(runtime.device)
         seconds = time.perf_counter() - start
@@ -352,9 +385,9 @@ def train(data: str | Path, output: str | Path, config: TrainConfig, resume: str
         train_seconds += seconds
         images_seen += seen * runtime.world_size
         metrics = evaluate(model, val_loader, runtime)
-        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[-1], "train_loss": loss_sum / seen,
-               "train_top1": correct / seen, **metrics, "images_per_second": seen * runtime.world_size / seconds,
-               "seconds": seconds, "backbone_frozen": frozen}
+        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[-1], "train_loss": loss_sum / counted,
+               "train_top1": correct / counted, **metrics, "images_per_second": seen * runtime.world_size / seconds,
+               "seconds": seconds, "backbone_frozen": frozen, "skipped_steps": skipped}
         history.append(row)
         improved = metrics["val_top1"] > best["val_top1"]
         if improved:
@@ -362,7 +395,8 @@ def train(data: str | Path, output: str | Path, config: TrainConfig, resume: str
         if runtime.is_main:
             echo(f"epoch {epoch + 1}/{config.epochs}  train loss {row['train_loss']:.4f}  val loss {metrics['val_loss']:.4f}  "
                  f"val top-1 {metrics['val_top1']:.4f}  top-5 {metrics['val_top5']:.4f}  "
-                 f"{row['images_per_second']:.1f} img/s  {seconds:.1f}s" + ("  *best" if improved else ""))
+                 f"{row['images_per_second']:.1f} img/s  {seconds:.1f}s" + ("  *best" if improved else "")
+                 + (f"  (skipped {skipped} of {steps_per_epoch} steps: non-finite loss or gradients)" if skipped else ""))
             summary = {"best_val_top1": best["val_top1"], "best_val_top5": best["val_top5"], "best_epoch": best["epoch"]}
             common = {"train_config": asdict(config), "metrics": summary, "epoch": epoch + 1}
             if improved:
