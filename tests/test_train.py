@@ -17,7 +17,7 @@ from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
 from toolkit.errors import RtkError
 from toolkit.fileio import atomic_path
 from toolkit.models import ARCHS
-from toolkit.train import BF16_CPU_MIN_IMAGE_SIZE, TrainConfig, lr_factor, resolve_runtime, train_step
+from toolkit.train import BF16_CPU_BAD_GRAD_MAX_SIZE, TrainConfig, lr_factor, resolve_runtime, train_step
 
 
 def test_outputs_and_self_describing_checkpoint(tiny_run):
@@ -134,7 +134,7 @@ def test_precision_auto_follows_the_cpu(monkeypatch):
     with pytest.raises(RtkError, match="fp16 needs CUDA"):
         resolve_runtime(TrainConfig(device="cpu", precision="fp16"))
     monkeypatch.setattr("toolkit.train.cpu_info", lambda: fast)
-    small = BF16_CPU_MIN_IMAGE_SIZE
+    small = BF16_CPU_BAD_GRAD_MAX_SIZE
     assert resolve_runtime(TrainConfig(device="cpu", image_size=small, resize_size=small)).precision == "fp32"
     with pytest.raises(RtkError, match="wrong gradients for images of 16 px"):
         resolve_runtime(TrainConfig(device="cpu", precision="bf16", image_size=small, resize_size=small))
@@ -164,7 +164,7 @@ def _bf16_weight_grad_error(input_size: int) -> float:
 
 
 def test_bf16_on_the_cpu_is_allowed_from_the_size_where_its_gradients_are_right():
-    # At BF16_CPU_MIN_IMAGE_SIZE + 1 px, the smallest input any ResNet stride-2 3x3 conv sees is 2x2.
+    # At BF16_CPU_BAD_GRAD_MAX_SIZE + 1 px, the smallest input any ResNet stride-2 3x3 conv sees is 2x2.
     assert _bf16_weight_grad_error(2) < 0.02
 
 

@@ -29,7 +29,7 @@ from toolkit.models import HEAD_PREFIX, build, check_arch, load_weights
 from toolkit.preprocess import PreprocessSpec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BF16_CPU_MIN_IMAGE_SIZE = 16  # see resolve_runtime
+BF16_CPU_BAD_GRAD_MAX_SIZE = 16  # images this small get wrong bf16 gradients on the CPU: see resolve_runtime
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -120,14 +120,14 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
     # Measured with torch 2.14 (oneDNN 3.12): on the CPU, the bf16 weight gradient of a 3x3 stride-2 conv over a
     # 1x1 feature map is garbage (uninitialised values, sometimes NaN). ResNet has such a conv when its input
     # is 16 px or smaller; the forward pass is right, so only training is affected.
-    bf16_cpu_broken = config.image_size <= BF16_CPU_MIN_IMAGE_SIZE
+    bf16_cpu_broken = config.image_size <= BF16_CPU_BAD_GRAD_MAX_SIZE
     if precision == "auto":
         precision = "fp16" if use_cuda else ("bf16" if cpu_info().fast_bf16 and not bf16_cpu_broken else "fp32")
     if precision == "fp16" and not use_cuda:
         raise RtkError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
     if precision == "bf16" and not use_cuda and bf16_cpu_broken:
-        raise RtkError(f"--precision bf16 on the CPU computes wrong gradients for images of {BF16_CPU_MIN_IMAGE_SIZE} px "
-                       f"or less (oneDNN); use --precision fp32 or --image-size {BF16_CPU_MIN_IMAGE_SIZE + 1} or more")
+        raise RtkError(f"--precision bf16 on the CPU computes wrong gradients for images of {BF16_CPU_BAD_GRAD_MAX_SIZE} px "
+                       f"or less (oneDNN); use --precision fp32 or --image-size {BF16_CPU_BAD_GRAD_MAX_SIZE + 1} or more")
     return Runtime(device=device, precision=precision, rank=rank, world_size=world)
 
 
