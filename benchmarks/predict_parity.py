@@ -15,14 +15,14 @@ import numpy as np
 
 from toolkit.bundle import Bundle
 from toolkit.checkpoint import source_from_manifest
-from toolkit.preprocess import PreprocessSpec, list_images
+from toolkit.preprocess import list_images
 from toolkit.runtime import Classifier
 from toolkit.verify import reference_logits, torchvision_crop
 
 
 def main(bundle_path: str, paths: list[str]) -> int:
     bundle = Bundle.open(bundle_path)
-    spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
+    spec = bundle.manifest.preprocess
     model, _ = source_from_manifest(bundle.manifest)
     files = [f for p in paths for f in list_images(p)]
     eager = reference_logits(model, spec, np.stack([torchvision_crop(f, spec) for f in files])).argmax(1)

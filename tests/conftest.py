@@ -93,6 +93,16 @@ def copy_bundle(src: Path, dst: Path, files: tuple[str, ...] = ("model.onnx",)) 
     return dst
 
 
+def reseal(bundle: Path, name: str) -> None:
+    """Record a changed file's sha256 and size in the manifest: an export that was already wrong when
+    written, which only the parity check itself can catch."""
+    from toolkit.fileio import sha256_file
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][name].update(sha256=sha256_file(bundle / name), bytes=(bundle / name).stat().st_size)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.fixture(scope="session")
 def photos() -> list[Path]:
     """The two JPEG photos scikit-learn ships: real camera JPEGs, 640x427."""

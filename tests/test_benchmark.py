@@ -62,7 +62,7 @@ def test_benchmark_structure_percentiles_skips_and_threads(tiny_bundle, tmp_path
     assert skipped and all(r["reason"] for r in skipped)
     if not any(r["runtime"] == "ort-cuda" and not r["skipped"] for r in report["results"]):
         assert any(r["runtime"] == "ort-cuda" and "CUDAExecutionProvider" in r["reason"] for r in skipped)
-    assert (tmp_path / "r.csv").read_text().startswith("runtime,artifact,precision,batch_size")
+    assert (tmp_path / "r.csv").read_text().startswith("runtime,artifact,precision,batch,")
     assert "| runtime |" in (tmp_path / "r.md").read_text()
     assert "p50" in result.output
 
@@ -77,7 +77,8 @@ def test_unstable_figures_are_flagged():
     from toolkit.benchmark import table
 
     row = {"runtime": "ort-cpu", "artifact": "model.onnx", "precision": "fp32", "batch_size": 1, "skipped": False,
-           **latency_stats([0.001, 0.001, 0.003], 1), "speedup_vs_eager": None, "cold_start_s": 0.1, "peak_rss_mb": 10}
+           **latency_stats([0.001, 0.001, 0.003], 1), "speedup_vs_eager": None, "cold_start_s": 0.1, "peak_rss_mb": 10,
+           "peak_rss_above_baseline_mb": 4}
     row["unstable"] = row["cv"] > 0.1
     text = table({"results": [row]})
     assert row["unstable"] and "coefficient of variation above 10%" in text

@@ -112,10 +112,10 @@ def test_tensorrt_without_its_libraries_is_unavailable(monkeypatch):
     import ctypes.util
     import types
 
-    from toolkit import runners
+    from toolkit import sessions
 
     fake_ort = types.SimpleNamespace(get_available_providers=lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setitem(sys.modules, "onnxruntime", fake_ort)
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
-    monkeypatch.setattr(runners, "_loadable", lambda lib: False)
-    assert "libnvinfer" in runners.provider_problem("TensorrtExecutionProvider")
+    monkeypatch.setattr(sessions, "_loadable", lambda lib: False)
+    assert "libnvinfer" in sessions.provider_problem("TensorrtExecutionProvider")

@@ -83,7 +83,7 @@ def test_onnx_matches_eager_in_a_process_without_torch(tiny_bundle, tiny_run, tm
 
 @pytest.mark.parametrize("name", ["model.ts", "model.pt2"])
 def test_torch_formats_match_eager_with_dynamic_batch(tiny_bundle, tiny_run, name):
-    from toolkit.runners import load_pt2, load_torchscript
+    from toolkit.runners.torch_runner import load_pt2, load_torchscript
 
     module = load_torchscript(tiny_bundle / name) if name.endswith(".ts") else load_pt2(tiny_bundle / name)
     for n in (1, 3, 16):

@@ -6,8 +6,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tests.conftest import copy_bundle, error_line, rtk
-from toolkit import runners
+from tests.conftest import copy_bundle, error_line, reseal, rtk
+from toolkit import runners, sessions
 from toolkit.export import QuantRecipe
 from toolkit.optimize import ORT_OPT_FILE, OptimizeConfig, format_table, optimize_bundle
 from toolkit.runtime import Classifier
@@ -29,6 +29,7 @@ def _broken_but_fast(src, dst):
 def optimized(tiny_bundle, tiny_data, tmp_path_factory):
     bundle = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("opt") / "b", files=("model.onnx", "model.fp16.onnx"))
     _broken_but_fast(bundle / "model.onnx", bundle / "model.fp16.onnx")
+    reseal(bundle, "model.fp16.onnx")
     config = OptimizeConfig(calibration_data=str(tiny_data), recipes=(QuantRecipe(), QuantRecipe(activations="s8")),
                             batch_sizes=(1, 2), threads=1, **QUICK)
     report = optimize_bundle(bundle, config, echo=lambda s: None)
@@ -81,7 +82,8 @@ def test_recommendation_is_the_fastest_passing_candidate(optimized):
 def test_classifier_serves_the_recommended_onnx_artifact(tiny_bundle, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", "model.int8.onnx"))
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["recommended"] = {"runtime": "ort-cpu", "artifact": "model.int8.onnx", "threads": 1}
+    manifest["recommended"] = {"runtime": "ort-cpu", "artifact": "model.int8.onnx", "threads": 1, "device": "cpu",
+                               "session": {"engine": "onnxruntime", "device": "cpu", "threads": 1}}
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     clf = Classifier.load(bundle, self_test=True)
     assert clf.path.name == "model.int8.onnx" and clf.precision == "int8" and clf.backend.name == "onnxruntime"
@@ -90,7 +92,8 @@ def test_classifier_serves_the_recommended_onnx_artifact(tiny_bundle, tmp_path):
 def test_openvino_recommendation(tiny_bundle, tiny_data, tmp_path, monkeypatch):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["recommended"] = {"runtime": "openvino", "artifact": "model.onnx", "threads": 1}
+    manifest["recommended"] = {"runtime": "openvino", "artifact": "model.onnx", "threads": 1, "device": "cpu",
+                               "session": {"engine": "openvino", "device": "cpu", "threads": 1, "precision_hint": "f32"}}
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     images = sorted((tiny_data / "val").rglob("*.png"))
     expected = [p.indices[0] for p in Classifier.load(bundle, runtime="onnxruntime").predict(images)]
@@ -98,8 +101,8 @@ def test_openvino_recommendation(tiny_bundle, tiny_data, tmp_path, monkeypatch):
         clf = Classifier.load(bundle)
         assert clf.backend.name == "openvino" and clf.providers == ["OpenVINO CPU (f32)"]
         assert [p.indices[0] for p in clf.predict(images)] == expected
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else object())
-    with pytest.warns(UserWarning, match="recommends openvino, which is not installed"):
+    monkeypatch.setattr("toolkit.runtime.openvino_problem", lambda hint: "openvino is not installed (pip install ...)")
+    with pytest.warns(UserWarning, match=r"recommends OpenVINO, which cannot run here \(openvino is not installed"):
         clf = Classifier.load(bundle)
     assert clf.backend.name == "onnxruntime"
     with pytest.raises(Exception, match="openvino is not installed"):
@@ -117,7 +120,7 @@ def test_openvino_runtime_skips_with_a_reason_without_the_extra(tiny_bundle, mon
         return real(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_openvino)
-    assert runners.openvino_problem() == "openvino is not installed (pip install -e '.[openvino]')"
+    assert sessions.openvino_problem() == "openvino is not installed (pip install -e '.[openvino]')"
     from toolkit.bundle import Bundle
 
     entries = runners.plan(Bundle.open(tiny_bundle), ["openvino"], lambda: None, runners.RunOptions())
@@ -141,3 +144,33 @@ def test_optimize_needs_a_holdout(tiny_bundle, tiny_data, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     result = rtk("optimize", bundle, "--calibration-data", tiny_data / "train")
     assert result.exit_code == 2 and "--holdout" in error_line(result)
+
+
+def test_classifier_serves_the_recommendation_with_the_session_settings_it_was_verified_with(optimized):
+    from toolkit.sessions import SessionSettings
+
+    bundle, report = optimized
+    rec = report["recommended"]
+    verified = next(r for r in report["candidates"] if r["status"] == "passed" and r["runtime"] == rec["runtime"]
+                    and r["artifact"] == rec["artifact"] and r["settings"] == rec["settings"])
+    if not rec["artifact"].endswith(".onnx"):
+        pytest.skip(f"the recommendation here is {rec['runtime']}, which needs torch to serve")
+    clf = Classifier.load(bundle)
+    assert clf.path.name == rec["artifact"]
+    assert clf.settings == SessionSettings.from_dict(verified["session"]) == SessionSettings.from_dict(rec["session"])
+    assert clf.settings.threads == 1
+
+
+def test_a_cpu_recommendation_is_never_served_on_cuda(tiny_bundle, tmp_path):
+    from toolkit.runtime import serving_choice
+    from toolkit.sessions import SessionSettings
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", "model.int8.onnx"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["recommended"] = {"runtime": "ort-cpu", "artifact": "model.int8.onnx", "threads": 1, "device": "cpu",
+                               "session": {"engine": "onnxruntime", "device": "cpu", "threads": 1, "graph_optimization": "extended"}}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    path, settings = serving_choice(bundle, "cpu")
+    assert path.name == "model.int8.onnx" and settings.graph_optimization == "extended" and settings.threads == 1
+    path, settings = serving_choice(bundle, "cuda")
+    assert path.name == "model.onnx" and settings == SessionSettings(device="cuda")  # verify's CUDA defaults: TF32 off

@@ -1,11 +1,12 @@
 import json
+import re
 
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
-from tests.conftest import copy_bundle, error_line, rtk
+from tests.conftest import copy_bundle, error_line, reseal, rtk
 from toolkit import verify as v
 
 # ---------------------------------------------------------------- metrics on arrays with known answers
@@ -99,6 +100,7 @@ def _corrupt_weight(path):
 def test_one_changed_weight_fails_verification(tiny_bundle, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     _corrupt_weight(bundle / "model.onnx")
+    reseal(bundle, "model.onnx")
     result = rtk("verify", bundle, "--random", "8", "--runtime", "ort-cpu")
     assert result.exit_code == 1
     assert "FAIL (max_abs_diff" in result.output
@@ -113,6 +115,7 @@ def test_swapped_class_names_fail_verification(tiny_bundle, tmp_path):
         if prop.key == "classes":
             prop.value = json.dumps(["square", "circle", "stripes"])
     onnx.save(model, str(bundle / "model.onnx"))
+    reseal(bundle, "model.onnx")
     result = rtk("verify", bundle, "--random", "4", "--runtime", "ort-cpu")
     assert result.exit_code == 1
     assert "FAIL (classes" in result.output
@@ -154,3 +157,65 @@ def test_nothing_compared_is_not_a_pass(tiny_bundle, tmp_path):
     result = rtk("verify", bundle, "--random", "2", "--device", "cuda")
     assert result.exit_code == 1
     assert "every runtime asked for was skipped" in result.output and "no runtime could run" in error_line(result)
+
+
+# ---------------------------------------------------------------- broken artifacts fail, never skip
+
+# file -> a runtime that runs it (besides the defaults)
+RUNS_IT = {"model.onnx": "ort-cpu", "model.int8.onnx": "ort-cpu", "model.ts": "torchscript", "model.pt2": "torch-export"}
+
+
+def _truncate(path, keep: int = 1000) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize("name", list(RUNS_IT))
+@pytest.mark.parametrize("runtimes", ["default", "named"])
+def test_a_truncated_artifact_fails_verification(tiny_bundle, tmp_path, name, runtimes):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=(name,))
+    _truncate(bundle / name)
+    args = ["--runtime", RUNS_IT[name]] if runtimes == "named" else []
+    result = rtk("verify", bundle, "--random", "4", *args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    fails = [ln for ln in result.output.splitlines() if ln.startswith("FAIL ") and name in ln]
+    assert fails and all("has 1000 bytes, the manifest says" in ln for ln in fails), result.output
+    assert f"{name} on {RUNS_IT[name]} (load)" in error_line(result)
+
+
+@pytest.mark.parametrize("name,runtime", [("model.onnx", "ort-cpu"), ("model.onnx", "openvino"),
+                                          ("model.ts", "torchscript"), ("model.pt2", "torch-export")])
+def test_an_artifact_no_runtime_can_load_fails_on_each_runtime(tiny_bundle, tmp_path, name, runtime):
+    """The manifest agrees with the (broken) file, so only the runtime's own loader can tell."""
+    if runtime == "openvino":
+        pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=(name,))
+    _truncate(bundle / name)
+    reseal(bundle, name)
+    result = rtk("verify", bundle, "--random", "4", "--runtime", runtime)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    [line] = [ln for ln in result.output.splitlines() if ln.startswith("FAIL ")]
+    assert line.startswith(f"FAIL {name} on {runtime}: {name}") and "cannot load it" in line
+
+
+def test_a_deleted_artifact_fails_verification(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", "model.ts"))
+    (bundle / "model.ts").unlink()
+    result = rtk("verify", bundle, "--random", "4")
+    assert result.exit_code == 1
+    assert "FAIL model.ts on torchscript: model.ts is missing from" in result.output
+    assert re.search(r"^model.onnx +ort-cpu +fp32 .* pass$", result.output, re.M)  # the intact file is still verified
+
+
+def test_a_manifest_with_a_missing_key_is_one_line(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["files"]["model.onnx"]["sha256"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    result = rtk("verify", bundle, "--random", "4")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert error_line(result).endswith("manifest.json files['model.onnx']: missing key 'sha256'")
+    del manifest["classes"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    result = rtk("verify", bundle, "--random", "4")
+    assert result.exit_code == 2 and error_line(result).endswith("manifest.json: missing key 'classes'")

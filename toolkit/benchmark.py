@@ -8,9 +8,6 @@ every figure includes the same work. torch and onnxruntime get the same thread c
 
 from __future__ import annotations
 
-import csv
-import io
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,10 +18,10 @@ import numpy as np
 
 from toolkit.bundle import Bundle
 from toolkit.env import environment, usable_cpus
-from toolkit.errors import RtkError
+from toolkit.errors import RtkError, first_line
 from toolkit.fileio import write_json, write_text
-from toolkit.preprocess import PreprocessSpec
-from toolkit.runners import keeps_torch_threads
+from toolkit.runners.torch_runner import keeps_torch_threads
+from toolkit.tables import render
 
 UNSTABLE_CV = 0.10
 SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -83,119 +80,95 @@ def time_runner(call: Callable[[Any], Any], prepared: Any, warmup: int, iteratio
     return samples
 
 
-class PeakMemory:
-    """Peak resident memory of this process over a span: resets Linux's high-water mark when it can."""
-
-    def __init__(self) -> None:
-        self.resettable = False
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-            self.resettable = True
-        except OSError:
-            pass
-
-    @staticmethod
-    def read_mb() -> float:
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _cuda_sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 @keeps_torch_threads
 def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure each (runtime, artifact) at each batch size; returns {environment, config, results}."""
+    """Measure each (runtime, artifact) at each batch size; returns {environment, config, results}.
+
+    Runtimes run one at a time: loaded, measured, released, so each one's peak memory is its own. A
+    runtime that cannot exist here is skipped; an artifact that cannot be loaded is a failure."""
     import torch
 
     from toolkit.checkpoint import source_from_manifest
-    from toolkit.runners import RUNTIMES, Runner, RunOptions, Skipped, plan, require_named, runtimes_on
+    from toolkit.runners import (
+        Failed,
+        RunOptions,
+        Skipped,
+        each_loaded,
+        plan,
+        require_named,
+        runtime,
+        runtimes_on,
+    )
 
     bundle = Bundle.open(bundle_path)
-    spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
+    spec = bundle.manifest.preprocess
     threads = config.thread_count
     torch.set_num_threads(threads)
     options = RunOptions(threads=threads, tf32=False, cuda_graph=config.cuda_graph)
     named = list(config.runtimes) if config.runtimes else None
     entries = plan(bundle, runtimes_on(config.device, named) if config.device else named,
                    lambda: (source_from_manifest(bundle.manifest)[0], spec), options)
-    require_named(entries, list(config.runtimes) if config.runtimes else None)
+    require_named(entries, named)
     rng = np.random.default_rng(config.seed)
     batches = {b: rng.integers(0, 256, (b, spec.crop_size, spec.crop_size, 3), dtype=np.uint8)
                for b in sorted(set(config.batch_sizes) | (set(SWEEP_BATCHES) if config.sweep else set()))}
     results: list[dict[str, Any]] = []
-    for entry in entries:
+    for entry in each_loaded(entries):
         base = {"runtime": entry.runtime, "artifact": entry.artifact, "precision": entry.precision}
-        if isinstance(entry, Skipped):
-            results.append({**base, "skipped": True, "reason": entry.reason})
-            echo(f"{entry.runtime:<19} {entry.artifact:<16} skipped: {entry.reason}")
+        if isinstance(entry, (Skipped, Failed)):
+            failed = isinstance(entry, Failed)
+            results.append({**base, "skipped": not failed, "failed": failed, "reason": entry.reason})
+            echo(f"{entry.runtime:<19} {entry.artifact:<16} {'FAILED' if failed else 'skipped'}: {entry.reason}")
             continue
-        assert isinstance(entry, Runner)
-        memory = PeakMemory()
         start = time.perf_counter()
         try:
-            entry.load()
-            entry(batches[min(batches)])  # the first result: cold start ends here
-        except Exception as exc:  # RuntimeUnavailable, or a library error on this machine
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            results.append({**base, "skipped": True, "reason": reason})
-            echo(f"{entry.runtime:<19} {entry.artifact:<16} skipped: {reason}")
+            entry(batches[min(batches)])  # the first result: cold start ends here (load time is in entry.details)
+        except Exception as exc:
+            results.append({**base, "skipped": False, "failed": True, "reason": f"{entry.artifact}: {first_line(exc)}"})
+            echo(f"{entry.runtime:<19} {entry.artifact:<16} FAILED: {first_line(exc)}")
             continue
-        cold = time.perf_counter() - start
-        if RUNTIMES[entry.runtime][0] == "cuda":
-            _cuda_sync()
+        cold = entry.load_seconds + time.perf_counter() - start
+        on_cuda = runtime(entry.runtime).device == "cuda"
+        if on_cuda:
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         for b in config.batch_sizes:
             prepared = entry.prepare(batches[b])
             samples = time_runner(entry.run_prepared, prepared, config.warmup, config.iterations, config.min_seconds)
             stats = latency_stats(samples, b)
             record = {**base, "batch_size": b, **stats, "cold_start_s": cold, "threads": threads, "skipped": False,
-                      "unstable": stats["cv"] > UNSTABLE_CV, "peak_rss_mb": round(PeakMemory.read_mb(), 1),
-                      "peak_rss_scope": "this runtime" if memory.resettable else "process so far",
+                      "failed": False, "unstable": stats["cv"] > UNSTABLE_CV, **entry.memory.to_dict(),
                       "details": dict(entry.details)}
-            if torch.cuda.is_available():
+            if on_cuda:
                 record["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             results.append(record)
             echo(_row(record))
         if config.sweep:
-            results.extend(sweep(entry, bundle, batches, config, echo))
-        del entry
+            results.extend(sweep(entry, batches, config, echo))
     add_speedups(results)
     env = environment()
     env["threads"] = {"requested": threads, "torch": torch.get_num_threads(), "onnxruntime_intra_op": threads,
                       "onnxruntime_inter_op": 1}
     return {"environment": env, "config": asdict(config), "bundle": str(bundle.root),
-            "arch": bundle.manifest["arch"], "image_size": spec.crop_size, "results": results}
+            "arch": bundle.manifest.arch, "image_size": spec.crop_size, "results": results,
+            "passed": not any(r.get("failed") for r in results)}
 
 
-def sweep(runner, bundle: Bundle, batches: dict[int, np.ndarray], config: BenchConfig, echo) -> list[dict[str, Any]]:
+def sweep(runner, batches: dict[int, np.ndarray], config: BenchConfig, echo) -> list[dict[str, Any]]:
     """Try thread counts x batch sizes for one runtime; report its best latency and best throughput."""
-    import dataclasses
-
     import torch
+
+    from toolkit.runners import each_loaded, with_options
 
     counts = sorted({t for t in (1, 2, 4, 8, 16, 32, usable_cpus()) if t <= usable_cpus()})
     trials = []
     for threads in counts:
         torch.set_num_threads(threads)
-        r = dataclasses.replace(runner, options=dataclasses.replace(runner.options, threads=threads, profile_placement=False),
-                                details={})
-        r.load()
-        for b in SWEEP_BATCHES:
-            samples = time_runner(r.run_prepared, r.prepare(batches[b]), max(2, config.warmup // 2),
-                                  max(5, config.iterations // 4), config.min_seconds / 4)
-            trials.append({"threads": threads, "batch_size": b, **latency_stats(samples, b)})
+        for r in each_loaded([with_options(runner, threads=threads, profile_placement=False)]):
+            for b in SWEEP_BATCHES:
+                samples = time_runner(r.run_prepared, r.prepare(batches[b]), max(2, config.warmup // 2),
+                                      max(5, config.iterations // 4), config.min_seconds / 4)
+                trials.append({"threads": threads, "batch_size": b, **latency_stats(samples, b)})
     torch.set_num_threads(config.thread_count)
     best_latency = min(trials, key=lambda t: t["p50_ms"])
     best_throughput = max(trials, key=lambda t: t["images_per_second"])
@@ -215,11 +188,6 @@ def add_speedups(results: list[dict[str, Any]]) -> None:
             r["speedup_vs_eager"] = eager[r["batch_size"]] / r["p50_ms"] if r["batch_size"] in eager else None
 
 
-COLUMNS = ("runtime", "artifact", "precision", "batch_size", "mean_ms", "std_ms", "min_ms", "p50_ms", "p90_ms", "p95_ms",
-           "p99_ms", "max_ms", "images_per_second", "speedup_vs_eager", "cv", "cold_start_s", "peak_rss_mb", "threads",
-           "skipped", "reason")
-
-
 def _row(r: dict[str, Any]) -> str:
     warn = f"  UNSTABLE (cv {100 * r['cv']:.0f}%)" if r.get("unstable") else ""
     return (f"{r['runtime']:<19} {r['artifact']:<16} {r['precision']:<5} b={r['batch_size']:<4} p50 {r['p50_ms']:8.2f} ms  "
@@ -227,44 +195,39 @@ def _row(r: dict[str, Any]) -> str:
 
 
 def table(report: dict[str, Any], fmt: str = "text") -> str:
-    """The results as an aligned text table or GitHub markdown."""
-    rows = [r for r in report["results"] if "batch_size" in r and not r["skipped"]]
+    """The results as an aligned text table, GitHub Markdown or CSV, then what failed or was skipped."""
+    rows = [r for r in report["results"] if "batch_size" in r]
     head = ["runtime", "artifact", "precision", "batch", "mean ms", "p50 ms", "p90 ms", "p99 ms", "img/s",
-            "vs eager", "cv", "cold s", "peak RSS MB"]
+            "vs eager", "cv", "cold s", "peak RSS MB", "above baseline MB"]
     body = [[r["runtime"], r["artifact"], r["precision"], str(r["batch_size"]), f"{r['mean_ms']:.2f}", f"{r['p50_ms']:.2f}",
              f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['images_per_second']:.1f}",
              f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-",
-             f"{100 * r['cv']:.1f}%" + (" !" if r["unstable"] else ""), f"{r['cold_start_s']:.2f}", f"{r['peak_rss_mb']:.0f}"]
+             f"{100 * r['cv']:.1f}%" + (" !" if r["unstable"] else ""), f"{r['cold_start_s']:.2f}",
+             f"{r['peak_rss_mb']:.0f}", f"{r['peak_rss_above_baseline_mb']:.0f}"]
             for r in rows]
-    skipped = [r for r in report["results"] if r["skipped"]]
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body]
-        lines += [f"\nSkipped: `{r['runtime']}` {r['artifact']}: {r['reason']}" for r in skipped]
-        lines += ["\n`!` marks a coefficient of variation above 10%: do not quote that figure."] if any(r["unstable"] for r in rows) else []
-        return "\n".join(lines)
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in [head, *body]]
-    lines += [f"skipped {r['runtime']} {r['artifact']}: {r['reason']}" for r in skipped]
-    unstable = [r for r in rows if r["unstable"]]
-    if unstable:
-        lines.append(f"warning: {len(unstable)} figures have a coefficient of variation above {UNSTABLE_CV:.0%} (marked !): "
+    if fmt == "csv":
+        others = [r for r in report["results"] if "batch_size" not in r and not r.get("sweep")]
+        return render(head + ["result"], [b + ["measured"] for b in body]
+                      + [[r["runtime"], r["artifact"], r["precision"]] + [""] * (len(head) - 3)
+                         + [("FAILED: " if r.get("failed") else "skipped: ") + r["reason"]] for r in others], "csv")
+    lines = [render(head, body, fmt)]
+    bullet = "\n" if fmt == "markdown" else ""
+    for r in report["results"]:
+        if r.get("failed"):
+            lines.append(f"{bullet}FAILED {r['runtime']} {r['artifact']}: {r['reason']}")
+        elif r["skipped"]:
+            lines.append(f"{bullet}skipped {r['runtime']} {r['artifact']}: {r['reason']}")
+    if any(r["unstable"] for r in rows):
+        lines.append(f"{bullet}warning: figures marked ! have a coefficient of variation above {UNSTABLE_CV:.0%}: "
                      "rerun with more --min-seconds or on a quieter machine before quoting them")
     return "\n".join(lines)
-
-
-def to_csv(report: dict[str, Any]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(r for r in report["results"] if "batch_size" in r or r["skipped"])
-    return buf.getvalue()
 
 
 def write_outputs(report: dict[str, Any], json_path=None, csv_path=None, markdown_path=None) -> None:
     if json_path:
         write_json(json_path, report)
     if csv_path:
-        write_text(csv_path, to_csv(report))
+        write_text(csv_path, table(report, "csv") + "\n")
     if markdown_path:
         env = report["environment"]
         header = (f"# {report['arch']} at {report['image_size']} px\n\nCPU: {env['cpu']['model']} "

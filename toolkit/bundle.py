@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import RtkError
-from toolkit.fileio import write_json
+from toolkit.errors import ArtifactBroken, RtkError
+from toolkit.fileio import sha256_file
+from toolkit.manifest import FileEntry, Manifest
 
 MANIFEST = "manifest.json"
 LABELS = "labels.txt"
@@ -32,43 +32,67 @@ def file_name(fmt: str, precision: str = "fp32") -> str:
     raise RtkError(f"no {precision} {fmt} file: only ONNX has fp16 and int8 variants")
 
 
-@dataclass(frozen=True)
 class Bundle:
-    """A read view of an exported bundle folder."""
+    """An exported bundle folder and its typed manifest."""
 
-    root: Path
-    manifest: dict[str, Any]
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root = root
+        self.manifest = manifest
+        self._integrity: dict[str, str | None] = {}
 
     @classmethod
-    def open(cls, path: str | Path) -> Bundle:
+    def open(cls, path: str | os.PathLike) -> Bundle:
         root = Path(path)
         if root.is_file():
             raise RtkError(f"{root} is a file; give the bundle folder that holds {MANIFEST}")
-        manifest_path = root / MANIFEST
-        if not manifest_path.is_file():
+        if not (root / MANIFEST).is_file():
             raise RtkError(f"{root} is not an rtk bundle (no {MANIFEST})")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise RtkError(f"{manifest_path} is not valid JSON: {exc}") from None
-        return cls(root, manifest)
+        return cls(root, Manifest.read(root / MANIFEST))
 
     @property
     def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
+        return list(self.manifest.classes)
 
     @property
-    def files(self) -> dict[str, dict[str, Any]]:
-        """Model files present in the bundle with their manifest entries: the standard files first,
-        then variants (`rtk optimize` adds int8 variants and an optimised graph), by name."""
-        entries = self.manifest.get("files", {})
+    def files(self) -> dict[str, FileEntry]:
+        """Every model file the manifest lists, present or not (a missing one is a failure, not a
+        silence): the standard files first, then variants (`rtk optimize` adds some), by name."""
+        entries = self.manifest.files
         order = [n for n in FILES if n in entries] + sorted(n for n in entries if n not in FILES)
-        return {name: entries[name] for name in order if (self.root / name).is_file()}
+        return {name: entries[name] for name in order}
 
     def path(self, name: str) -> Path:
         return self.root / name
 
-    def update(self, key: str, value: Any) -> None:
-        """Store `value` under `key` in manifest.json (atomically)."""
-        self.manifest[key] = value
-        write_json(self.root / MANIFEST, self.manifest)
+    def integrity_problem(self, name: str) -> str | None:
+        """Why the file is not the one the manifest describes (missing, wrong size, other sha256); None if it is."""
+        if name not in self._integrity:
+            entry, path = self.manifest.files[name], self.path(name)
+            problem = None
+            if not path.is_file():
+                problem = f"{name} is missing from {self.root}"
+            elif path.stat().st_size != entry.bytes:
+                problem = f"{name} has {path.stat().st_size} bytes, the manifest says {entry.bytes} (truncated or replaced)"
+            elif sha256_file(path) != entry.sha256:
+                problem = f"{name}'s sha256 differs from the manifest's (the file was altered)"
+            self._integrity[name] = problem
+        return self._integrity[name]
+
+    def check_file(self, name: str) -> None:
+        problem = self.integrity_problem(name)
+        if problem:
+            raise ArtifactBroken(problem)
+
+    def update(self, **changes: Any) -> None:
+        """Change typed manifest fields and write manifest.json (atomically)."""
+        self.manifest = self.manifest.with_values(**changes)
+        self.manifest.write(self.root / MANIFEST)
+
+    def add_file(self, name: str, entry: FileEntry) -> None:
+        self._integrity.pop(name, None)
+        self.update(files={**self.manifest.files, name: entry})
+
+    def check_writable(self) -> None:
+        """A stage that records its report in the manifest checks this before the work starts."""
+        if not os.access(self.root / MANIFEST, os.W_OK) or not os.access(self.root, os.W_OK):
+            raise RtkError(f"{self.root} is not writable: the report is stored in its {MANIFEST}")

@@ -17,10 +17,11 @@ from torch import nn
 from toolkit.env import library_versions
 from toolkit.errors import RtkError
 from toolkit.fileio import atomic_write, sha256_file
-from toolkit.models import build, check_arch
+from toolkit.manifest import Manifest
+from toolkit.models import CHECKPOINT_FORMAT, build, check_arch, read_state_dict, torch_load
 from toolkit.preprocess import PreprocessSpec
 
-FORMAT = "rtk-checkpoint"
+FORMAT = CHECKPOINT_FORMAT
 VERSION = 1
 
 
@@ -46,20 +47,10 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
-def _torch_load(path: Path) -> Any:
-    if not path.is_file():
-        raise RtkError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RtkError(f"cannot read {path} as a checkpoint (corrupt, or not a weights-only torch file): {first_line}") from None
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read and validate an rtk checkpoint."""
     path = Path(path)
-    ckpt = _torch_load(path)
+    ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise RtkError(f"{path} is not an rtk checkpoint (a plain state dict needs --arch and --num-classes)")
     for key in ("arch", "classes", "preprocess", "state_dict"):
@@ -69,17 +60,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise RtkError(f"{path}: {len(ckpt['classes'])} class names for {ckpt['num_classes']} classes")
     check_arch(ckpt["arch"])
     return ckpt
-
-
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """A state dict from an rtk checkpoint or a plain state-dict file, with the arch when known."""
-    path = Path(path)
-    obj = _torch_load(path)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return obj["state_dict"], obj["arch"]
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {k.removeprefix("module."): v for k, v in obj.items()}, None
-    raise RtkError(f"{path} is neither an rtk checkpoint nor a state dict")
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
@@ -116,11 +96,11 @@ class ModelSource:
                 "weights": self.weights, "num_classes": len(self.classes)}
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> ModelSource:
+    def from_manifest(cls, manifest: Manifest) -> ModelSource:
         """The source a bundle's manifest records (`to_dict` plus the bundle's classes and preprocessing)."""
-        src = manifest["source"]
-        return cls(src["arch"], tuple(manifest["classes"]), PreprocessSpec.from_dict(manifest["preprocess"]),
-                   src["kind"], src["path"], src["sha256"], src["weights"])
+        src = manifest.source
+        return cls(src["arch"], manifest.classes, manifest.preprocess, src["kind"], src.get("path"), src.get("sha256"),
+                   src.get("weights"))
 
 
 def load_source(checkpoint: str | Path | None = None, arch: str | None = None, weights: str | None = None,
@@ -128,7 +108,7 @@ def load_source(checkpoint: str | Path | None = None, arch: str | None = None, w
     """The eval-mode model and its description, from a checkpoint file or from torchvision weights."""
     if checkpoint is not None:
         path = Path(checkpoint)
-        obj = _torch_load(path)
+        obj = torch_load(path)
         digest = sha256_file(path)
         if isinstance(obj, dict) and obj.get("format") == FORMAT:
             ckpt = load_checkpoint(path)
@@ -160,9 +140,9 @@ def load_source(checkpoint: str | Path | None = None, arch: str | None = None, w
     return model.eval(), ModelSource(arch, classes, weights_preprocess(w), "torchvision", weights=str(w))
 
 
-def source_from_manifest(manifest: dict[str, Any], checkpoint: str | Path | None = None) -> tuple[nn.Module, ModelSource]:
+def source_from_manifest(manifest: Manifest, checkpoint: str | Path | None = None) -> tuple[nn.Module, ModelSource]:
     """Rebuild a bundle's reference model: `checkpoint` if given, else what the manifest names (hash checked)."""
-    src = manifest["source"]
+    src = manifest.source
     if checkpoint is not None:
         return load_source(checkpoint, arch=src["arch"], num_classes=src["num_classes"])
     if src["kind"] == "torchvision":

@@ -336,4 +336,4 @@ def demo_cmd(output: Path, arch: str, epochs: int, image_size: int, min_seconds:
     from toolkit.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(output=output, arch=arch, epochs=epochs, image_size=image_size, min_seconds=min_seconds),
-             echo=click.echo)
+             cli=main, echo=click.echo)

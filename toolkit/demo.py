@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
+
 from toolkit.errors import RtkError
 from toolkit.fileio import write_text
+from toolkit.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,8 @@ class Section:
     images: list[str] = field(default_factory=list)
 
 
-def run_rtk(args: list[str], show: bool) -> tuple[int, str]:
+def run_rtk(cli: click.Command, args: list[str], show: bool) -> tuple[int, str]:
     """Run one `rtk` command in this process (its stdout shown when `show`); returns (exit code, stdout)."""
-    from toolkit.cli import main
-
     real_stdout = sys.stdout
 
     class Tee(io.StringIO):
@@ -71,7 +72,7 @@ def run_rtk(args: list[str], show: bool) -> tuple[int, str]:
     code = 0
     with contextlib.redirect_stdout(buf):
         try:
-            main.main(args=args, prog_name="rtk", standalone_mode=False)
+            cli.main(args=args, prog_name="rtk", standalone_mode=False)
         except SystemExit as exc:
             code = int(exc.code or 0)
         except Exception as exc:  # click's ClickException carries the exit code
@@ -95,8 +96,9 @@ def write_photos(folder: Path) -> list[Path]:
     return out
 
 
-def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> Path:
-    """Run every stage; returns the path of report.md. Stops at the first stage that errors."""
+def run_demo(config: DemoConfig, cli: click.Command, echo: Callable[[str], None] = print) -> Path:
+    """Run every stage through `cli` (the `rtk` command group, passed in so this module does not import
+    the CLI that imports it); returns the path of report.md. Stops at the first stage that errors."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -128,7 +130,7 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> Path:
             write_photos(photos)
         echo(f"\n[{index}/{len(plan)}] {name}: rtk {shlex.join(args)}")
         start = time.perf_counter()
-        code, text = run_rtk(args, show=name != "predict")
+        code, text = run_rtk(cli, args, show=name != "predict")
         stage = Stage(name, ["rtk", *args], time.perf_counter() - start, code, text)
         stages.append(stage)
         echo(f"[{index}/{len(plan)}] {name}: {'done' if code == 0 else f'exit {code}'} in {stage.seconds:.1f}s")
@@ -231,10 +233,10 @@ def _verify_table(path: Path) -> tuple[list[list[str]], dict[str, Any]]:
 def write_report(out: Path, stages: list[Stage], total_seconds: float) -> Path:
     by_name = {s.name: s for s in stages}
     metrics = json.loads((out / "train" / "metrics.json").read_text())
-    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    manifest = Manifest.read(out / "bundle" / "manifest.json")
     bench = json.loads((out / "benchmark.json").read_text())
     predictions = json.loads(by_name["predict"].output[by_name["predict"].output.index("{"):])
-    plots = _plots(out, predictions, bench, manifest["classes"])
+    plots = _plots(out, predictions, bench, list(manifest.classes))
     digits_rows, digits = _verify_table(out / "verify-digits.json")
     photo_rows, photos = _verify_table(out / "verify-photos.json")
     env = bench["environment"]
@@ -245,14 +247,15 @@ def write_report(out: Path, stages: list[Stage], total_seconds: float) -> Path:
                                f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['images_per_second']:.1f}",
                                f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-",
                                f"{100 * r['cv']:.1f}%" + (" (unstable)" if r["unstable"] else "")])
-    skipped = [f"{r['runtime']} ({r['artifact']}): {r['reason']}" for r in bench["results"] if r["skipped"]]
+    skipped = [f"{r['runtime']} ({r['artifact']}): {'FAILED: ' if r.get('failed') else ''}{r['reason']}"
+               for r in bench["results"] if r["skipped"] or r.get("failed")]
     photo_preds = [p for p in predictions["predictions"] if Path(p["source"]).parent.name == "photos"]
     val_preds = [p for p in predictions["predictions"] if Path(p["source"]).parent.name != "photos"]
     correct = sum(1 for p in val_preds if p["error"] is None and p["labels"][0] == Path(p["source"]).parent.name)
-    sizes = {name: f"{e['bytes'] / 1e6:.1f} MB" for name, e in manifest["files"].items()}
+    sizes = {name: f"{e.bytes / 1e6:.1f} MB" for name, e in manifest.files.items()}
     sections = [
         Section("Summary", [
-            f"Fine-tuned {metrics['arch']} on the UCI handwritten digits (scikit-learn) at {manifest['preprocess']['crop_size']} px: "
+            f"Fine-tuned {metrics['arch']} on the UCI handwritten digits (scikit-learn) at {manifest.preprocess.crop_size} px: "
             f"best val top-1 **{100 * metrics['best_val_top1']:.2f}%** (epoch {metrics['best_epoch']} of {metrics['epochs']}), "
             f"top-5 {100 * metrics['best_val_top5']:.2f}%, {metrics['train_seconds']:.0f} s of training at "
             f"{metrics['images_per_second']:.0f} img/s ({metrics['precision']} on {metrics['device']}).",

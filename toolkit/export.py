@@ -257,11 +257,11 @@ def check_onnx(path: Path) -> dict[str, Any]:
 def reload_runner(path: Path, fmt: str):
     """A function running the written file as a fresh reader would: onnxruntime, torch.jit or torch.export."""
     if fmt == "onnx":
-        import onnxruntime as ort
+        from toolkit.sessions import SessionSettings, open_onnxruntime
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = open_onnxruntime(path, SessionSettings()).session
         return lambda x: session.run(None, {INPUT_NAME: x.numpy()})
-    from toolkit.runners import load_pt2, load_torchscript
+    from toolkit.runners.torch_runner import load_pt2, load_torchscript
 
     module = load_torchscript(path) if fmt == "torchscript" else load_pt2(path)
 

@@ -11,8 +11,31 @@ import torch
 import torchvision
 from torch import nn
 
-from toolkit.errors import RtkError
+from toolkit.errors import RtkError, first_line
 from toolkit.preprocess import PreprocessSpec
+
+CHECKPOINT_FORMAT = "rtk-checkpoint"
+
+
+def torch_load(path: Path) -> Any:
+    if not path.is_file():
+        raise RtkError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RtkError(f"cannot read {path} as a checkpoint (corrupt, or not a weights-only torch file): {first_line(exc)}") from None
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A state dict from an rtk checkpoint or a plain state-dict file, with the arch when known."""
+    path = Path(path)
+    obj = torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return obj["state_dict"], obj["arch"]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {k.removeprefix("module."): v for k, v in obj.items()}, None
+    raise RtkError(f"{path} is neither an rtk checkpoint nor a state dict")
+
 
 ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -90,8 +113,6 @@ def load_weights(model: nn.Module, arch: str, source: str, reset_head: bool = Fa
     num_classes = model.fc.out_features
     path = Path(source)
     if path.exists():
-        from toolkit.checkpoint import read_state_dict
-
         state, file_arch = read_state_dict(path)
         if file_arch is not None and file_arch != arch:
             raise RtkError(f"{path} holds a {file_arch} checkpoint, but --arch is {arch}")

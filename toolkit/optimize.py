@@ -25,8 +25,9 @@ from toolkit.env import cpu_info, usable_cpus, version_of
 from toolkit.errors import RtkError
 from toolkit.export import QuantRecipe, calibration_crops, metadata, write_int8
 from toolkit.fileio import atomic_path, sha256_file
-from toolkit.preprocess import PreprocessSpec
-from toolkit.runners import keeps_torch_threads
+from toolkit.manifest import FileEntry
+from toolkit.runners.torch_runner import keeps_torch_threads
+from toolkit.sessions import SessionSettings, open_onnxruntime
 from toolkit.verify import Gates, compare, load_inputs, reference_logits, run_batched
 
 DEFAULT_RECIPES = (
@@ -73,11 +74,9 @@ def split_folders(calibration: str, holdout: str | None) -> tuple[Path, Path]:
     raise RtkError(f"give --holdout DIR (labelled images the calibration never saw), or a {root} with train/ and val/")
 
 
-def _add_file(bundle: Bundle, name: str, entry: dict[str, Any]) -> None:
-    files = dict(bundle.manifest["files"])
+def _add_file(bundle: Bundle, name: str, precision: str, extra: dict[str, Any]) -> None:
     path = bundle.path(name)
-    files[name] = {"format": "onnx", "sha256": sha256_file(path), "bytes": path.stat().st_size, **entry}
-    bundle.update("files", files)
+    bundle.add_file(name, FileEntry("onnx", precision, sha256_file(path), path.stat().st_size, extra))
 
 
 def build_candidates(bundle: Bundle, crops: np.ndarray, recipes: tuple[QuantRecipe, ...], echo) -> list[str]:
@@ -86,8 +85,7 @@ def build_candidates(bundle: Bundle, crops: np.ndarray, recipes: tuple[QuantReci
         raise RtkError(f"{bundle.root} has no model.onnx: export with --format onnx first")
     from toolkit.checkpoint import ModelSource
 
-    manifest = bundle.manifest
-    source = ModelSource.from_manifest(manifest)
+    source = ModelSource.from_manifest(bundle.manifest)
     built = []
     for recipe in recipes:
         name = recipe.file_name
@@ -95,25 +93,20 @@ def build_candidates(bundle: Bundle, crops: np.ndarray, recipes: tuple[QuantReci
             continue
         start = time.perf_counter()
         with atomic_path(bundle.path(name)) as tmp:
-            used = write_int8(bundle.path("model.onnx"), tmp, crops, metadata(source, "int8", manifest.get("softmax", False)),
+            used = write_int8(bundle.path("model.onnx"), tmp, crops, metadata(source, "int8", bundle.manifest.softmax),
                               recipe)
-        _add_file(bundle, name, {"precision": "int8", "exporter": f"onnxruntime quantize_static ({recipe.label})",
+        _add_file(bundle, name, "int8", {"exporter": f"onnxruntime quantize_static ({recipe.label})",
                                  "quantization": asdict(recipe), "calibration_images": used,
                                  "seconds": round(time.perf_counter() - start, 3)})
         built.append(name)
         echo(f"built {name} ({recipe.label})")
     if ORT_OPT_FILE not in bundle.files:
-        import onnxruntime as ort
-
-        from toolkit.runners import session_options
-
         start = time.perf_counter()
         with atomic_path(bundle.path(ORT_OPT_FILE)) as tmp:
-            ort.InferenceSession(str(bundle.path("model.onnx")), session_options(None, optimized_path=str(tmp)),
-                                 providers=["CPUExecutionProvider"])
+            open_onnxruntime(bundle.path("model.onnx"), SessionSettings(), optimized_path=str(tmp))
         cpu = cpu_info()
-        _add_file(bundle, ORT_OPT_FILE, {
-            "precision": "fp32", "exporter": "onnxruntime ORT_ENABLE_ALL, saved", "seconds": round(time.perf_counter() - start, 3),
+        _add_file(bundle, ORT_OPT_FILE, "fp32", {
+            "exporter": "onnxruntime ORT_ENABLE_ALL, saved", "seconds": round(time.perf_counter() - start, 3),
             # ORT_ENABLE_ALL lays tensors out for this CPU's vector width: only this kind of CPU should load it.
             "hardware_specific": {"cpu": cpu.model, "isa": {k: v for k, v in cpu.to_dict().items() if isinstance(v, bool)},
                                   "onnxruntime": version_of("onnxruntime") or version_of("onnxruntime-gpu")},
@@ -139,23 +132,24 @@ def update_selftest(bundle: Bundle, outputs: dict[str, Any]) -> None:
 
 def candidates(bundle: Bundle, reference, threads: int):
     """Every CPU runtime x artifact, plus onnxruntime at other graph-optimisation levels on model.onnx."""
-    from toolkit.runners import OrtRunner, RunOptions, plan, runtimes_on
+    from toolkit.runners import RunOptions, plan, runtimes_on
 
     options = RunOptions(threads=threads, profile_placement=False)
     entries = plan(bundle, runtimes_on("cpu"), reference, options)
     for level in EXTRA_ORT_LEVELS:
-        entries.append(OrtRunner("ort-cpu", "model.onnx", "fp32", dataclasses.replace(options, ort_graph_optimization=level),
-                                 path=bundle.path("model.onnx")))
+        entries += [e for e in plan(bundle, ["ort-cpu"], reference, dataclasses.replace(options, ort_graph_optimization=level))
+                    if e.artifact == "model.onnx"]
     return entries
 
 
 def settings(runner) -> str:
-    d = runner.details
+    """The candidate's settings in words (threads, graph level, precision hint)."""
+    session = getattr(runner, "settings", None)
     parts = [f"{runner.options.threads} threads"]
-    if "graph_optimization" in d:
-        parts.append(f"graph {d['graph_optimization']}")
-    if "precision_hint" in d:
-        parts.append(f"precision {d['precision_hint']}")
+    if session is not None and session.engine == "onnxruntime":
+        parts.append(f"graph {session.graph_optimization}")
+    if session is not None and session.engine == "openvino":
+        parts.append(f"precision {session.precision_hint}")
     return ", ".join(parts)
 
 
@@ -165,10 +159,11 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
 
     from toolkit.benchmark import latency_stats, time_runner
     from toolkit.checkpoint import source_from_manifest
-    from toolkit.runners import Runner, RuntimeUnavailable, Skipped
+    from toolkit.runners import Failed, Skipped, each_loaded
 
     bundle = Bundle.open(bundle_path)
-    spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
+    bundle.check_writable()
+    spec = bundle.manifest.preprocess
     calib_dir, holdout_dir = split_folders(config.calibration_data, config.holdout)
     model, _ = source_from_manifest(bundle.manifest)
     holdout = load_inputs(holdout_dir, 0, spec, bundle.classes, config.seed)
@@ -185,19 +180,19 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
     eager_p50: dict[int, float] = {}
     rng = np.random.default_rng(config.seed)
     batches = {b: rng.integers(0, 256, (b, spec.crop_size, spec.crop_size, 3), dtype=np.uint8) for b in config.batch_sizes}
-    kept = []
-    for entry in candidates(bundle, lambda: (model, spec), threads):
+    selftest_outputs: dict[str, np.ndarray] = {}  # what a service's self-test compares against, per OpenVINO candidate
+    for entry in each_loaded(candidates(bundle, lambda: (model, spec), threads)):
         row: dict[str, Any] = {"runtime": entry.runtime, "artifact": entry.artifact, "precision": entry.precision}
         if isinstance(entry, Skipped):
             rows.append({**row, "status": "skipped", "reason": entry.reason})
             continue
-        assert isinstance(entry, Runner)
-        try:
-            entry.load()
-        except RuntimeUnavailable as exc:
-            rows.append({**row, "status": "skipped", "reason": str(exc)})
+        if isinstance(entry, Failed):
+            rows.append({**row, "status": "failed verification", "failed_metrics": ["load"], "reason": entry.reason})
+            echo(f"{entry.runtime:<14} {entry.artifact:<36} FAILED: {entry.reason}")
             continue
         row["settings"] = settings(entry)
+        if hasattr(entry, "settings"):
+            row["session"] = entry.settings.to_dict()
         row["threads"] = threads
         out = run_batched(entry, holdout.crops)
         m = compare(out, reference, holdout.names, holdout.labels, entry.precision, gates)
@@ -218,7 +213,7 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
                 eager_p50[b] = stats["p50_ms"]
         rows.append({**row, "status": "passed"})
         if entry.runtime.startswith("openvino"):
-            kept.append(entry)
+            selftest_outputs[f"{entry.runtime}:{entry.artifact}"] = entry(_selftest_images(bundle))
         echo(f"{entry.runtime:<14} {entry.artifact:<36} {row['settings']:<30} "
              + "  ".join(f"b{b} p50 {row[f'b{b}']['p50_ms']:.2f} ms" for b in config.batch_sizes)
              + f"  accuracy {100 * m['accuracy']:.2f}% ({row['accuracy_change_points']:+.2f} pt)")
@@ -232,33 +227,35 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
         raise RtkError("no candidate passed verification: nothing to recommend")
     best = ranked[0]
     recommended = {"runtime": best["runtime"], "artifact": best["artifact"], "precision": best["precision"],
-                   "threads": threads, "settings": best["settings"], "batch_size": first,
+                   "device": "cpu", "threads": threads, "settings": best["settings"], "session": best.get("session"), "batch_size": first,
                    "p50_ms": best[f"b{first}"]["p50_ms"], "speedup_vs_eager": best[f"b{first}"].get("speedup_vs_eager"),
                    "accuracy_change_points": best["accuracy_change_points"]}
     from toolkit.env import library_versions
 
-    report = {"arch": bundle.manifest["arch"], "image_size": spec.crop_size,
+    report = {"arch": bundle.manifest.arch, "image_size": spec.crop_size,
               "versions": {**library_versions(), "openvino": version_of("openvino")},
               "holdout": str(holdout_dir), "holdout_images": len(holdout.crops), "calibration": str(calib_dir),
               "calibration_images": len(crops), "max_accuracy_drop_points": config.max_accuracy_drop,
               "batch_sizes": list(config.batch_sizes), "threads": threads, "cpu": cpu_info().to_dict(),
               "ranking": [f"{r['runtime']}:{r['artifact']}:{r['settings']}" for r in ranked],
               "candidates": rows, "recommended": recommended}
-    if best["runtime"].startswith("openvino"):  # what a service's self-test will compare against
-        runner = next(e for e in kept if e.runtime == best["runtime"] and e.artifact == best["artifact"])
-        update_selftest(bundle, {f"{best['runtime']}:{best['artifact']}": runner})
-    bundle.update("optimization", report)
-    bundle.update("recommended", recommended)
+    key = f"{best['runtime']}:{best['artifact']}"
+    if key in selftest_outputs:
+        update_selftest(bundle, {key: lambda images: selftest_outputs[key]})
+    bundle.update(optimization=report, recommended=recommended)
     return report
+
+
+def _selftest_images(bundle: Bundle) -> np.ndarray:
+    from toolkit.bundle import SELFTEST
+
+    with np.load(bundle.path(SELFTEST)) as data:
+        return data["images"]
 
 
 def _ort_cpu(path: Path):
     """The file's logits on onnxruntime CPU, as the production runtime computes them."""
-    import onnxruntime as ort
-
-    from toolkit.runtime import OrtBackend
-
-    return OrtBackend(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])).run
+    return open_onnxruntime(path, SessionSettings()).run
 
 
 def format_table(report: dict[str, Any], markdown: bool = False) -> str:

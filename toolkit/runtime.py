@@ -15,28 +15,35 @@ One InferenceSession serves all threads (onnxruntime's `run` is thread-safe).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import threading
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from toolkit.bundle import MANIFEST, SELFTEST
-from toolkit.errors import CheckFailed, RtkError
+from toolkit.errors import CheckFailed, RtkError, RuntimeUnavailable
+from toolkit.manifest import Manifest
 from toolkit.preprocess import DEFAULT_MAX_PIXELS, ImageSource, PreprocessSpec, crop_array
+from toolkit.sessions import (
+    OpenVinoBackend,
+    OrtBackend,
+    SessionSettings,
+    open_onnxruntime,
+    open_session,
+    openvino_problem,
+)
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
 }
+DEVICE_OF_PROVIDER = {v: k for k, v in PROVIDER_ALIASES.items()}
 # Self-test tolerance on the largest logit's scale: the same file on other hardware (other SIMD
 # kernels, other GPUs) differs by rounding, more for reduced precisions.
 SELFTEST_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 2e-2, "int8": 5e-2}
@@ -61,74 +68,20 @@ class Prediction:
                 "error": self.error}
 
 
-def resolve_providers(providers: Sequence[str] | None) -> list[str]:
-    """Provider names (aliases cpu/cuda/tensorrt allowed); each must be one onnxruntime can give here."""
-    import onnxruntime as ort
-
-    wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in (providers or ["cpu"])]
-    available = ort.get_available_providers()
-    for p in wanted:
-        if p not in available:
-            raise RtkError(f"{p} is not available in this onnxruntime (available: {', '.join(available)})")
-    return wanted
+def device_for(providers: Sequence[str] | None) -> str:
+    """The session device for provider names (aliases cpu/cuda/tensorrt allowed): one device per session."""
+    names = [PROVIDER_ALIASES.get(p.lower(), p) for p in (providers or ["cpu"])]
+    unknown = [p for p in names if p not in DEVICE_OF_PROVIDER]
+    if unknown:
+        raise RtkError(f"unknown provider {unknown[0]!r}; choose from cpu, cuda, tensorrt")
+    # [cuda, cpu] means "cuda": onnxruntime's CPU fallback is refused anyway, so the first one decides.
+    return DEVICE_OF_PROVIDER[names[0]]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-class OrtBackend:
-    """onnxruntime: one InferenceSession, whose run() is safe to call from many threads."""
-
-    name = "onnxruntime"
-
-    def __init__(self, session) -> None:
-        self.session = session
-        self.input_name = session.get_inputs()[0].name
-        self.output_name = session.get_outputs()[0].name
-
-    @property
-    def providers(self) -> list[str]:
-        return self.session.get_providers()
-
-    def selftest_key(self, file: str) -> str:
-        return file
-
-    def run(self, crops: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: crops})[0]
-
-
-class OpenVinoBackend:
-    """OpenVINO on the CPU (when `rtk optimize` recommends it and openvino is installed). The
-    compiled model is shared; each thread gets its own infer request, which is not thread-safe."""
-
-    name = "openvino"
-
-    def __init__(self, path: Path, threads: int | None, precision_hint: str) -> None:
-        import openvino as ov
-
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision_hint, "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
-        self.output = self.compiled.output(0)
-        self.hint = precision_hint
-        self.local = threading.local()
-
-    @property
-    def providers(self) -> list[str]:
-        return [f"OpenVINO CPU ({self.hint})"]
-
-    def selftest_key(self, file: str) -> str:
-        return f"{'openvino-bf16' if self.hint == 'bf16' else 'openvino'}:{file}"
-
-    def run(self, crops: np.ndarray) -> np.ndarray:
-        request = getattr(self.local, "request", None)
-        if request is None:
-            request = self.local.request = self.compiled.create_infer_request()
-        return np.array(request.infer({0: crops})[self.output], dtype=np.float32, copy=True)
 
 
 class Classifier:
@@ -148,57 +101,43 @@ class Classifier:
              self_test: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, runtime: str = "auto") -> Classifier:
         """Load a bundle folder or an ONNX file.
 
-        A bundle serves the ONNX artifact `rtk optimize` recommended (else model.onnx), with the
-        recommended threads. `runtime="auto"` runs it on the recommended runtime when that is
-        installed (OpenVINO is optional: without it onnxruntime runs the same file, with a
-        warning); "onnxruntime" or "openvino" force one.
+        A bundle serves what `rtk optimize` recommended for the device asked for, with exactly the
+        session settings it verified (else model.onnx with verify's defaults for that device: TF32
+        off). `runtime="auto"` runs a recommended OpenVINO session when openvino is installed (without
+        it onnxruntime runs the same file, with a warning); "onnxruntime" or "openvino" force one.
         """
-        import onnxruntime as ort
-
-        path = Path(path)
-        model_path, recommended = _model_file(path)
         if runtime not in ("auto", "onnxruntime", "openvino"):
             raise RtkError(f"runtime must be auto, onnxruntime or openvino, got {runtime!r}")
-        use_openvino = runtime == "openvino" or (
-            runtime == "auto" and providers is None and str(recommended.get("runtime", "")).startswith("openvino"))
-        if use_openvino and importlib.util.find_spec("openvino") is None:
-            if runtime == "openvino":
-                raise RtkError("runtime openvino asked for, but openvino is not installed (pip install openvino)")
-            warnings.warn(f"{path} recommends {recommended['runtime']}, which is not installed here: serving "
-                          f"{model_path.name} with onnxruntime instead", stacklevel=2)
-            use_openvino = False
-        threads = threads or recommended.get("threads")
-        wanted = resolve_providers(providers)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        if ("CUDAExecutionProvider" in wanted or "TensorrtExecutionProvider" in wanted) and hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()
+        device = device_for(providers)
+        model_path, settings = serving_choice(Path(path), device, threads, runtime)
         try:
-            session = ort.InferenceSession(str(model_path), options, providers=wanted)
-        except Exception as exc:
-            raise RtkError(f"onnxruntime cannot load {model_path}: {str(exc).splitlines()[0]}") from None
-        got = session.get_providers()
-        if got[0] != wanted[0]:
-            raise RtkError(f"asked for {wanted[0]} but onnxruntime gave {got}: refusing to fall back silently")
-        meta = session.get_modelmeta().custom_metadata_map
+            metadata_backend = open_onnxruntime(model_path, replace(settings, engine="onnxruntime", device=device,
+                                                                    precision_hint="f32"))
+        except RuntimeUnavailable as exc:
+            raise RtkError(str(exc)) from None
+        meta = metadata_backend.metadata
         if "classes" not in meta or "preprocess" not in meta:
             raise RtkError(f"{model_path} has no rtk metadata (classes, preprocess): export it with rtk export")
         classes = json.loads(meta["classes"])
-        width = session.get_outputs()[0].shape[-1]
-        if isinstance(width, int) and width != len(classes):
+        width = metadata_backend.output_width
+        if width is not None and width != len(classes):
             raise RtkError(f"{model_path}: {len(classes)} class names for {width} outputs")
         precision = meta.get("precision", "fp32")
-        backend: OrtBackend | OpenVinoBackend = OrtBackend(session)
-        if use_openvino:  # the metadata came from the onnxruntime session; OpenVINO serves
-            hint = "bf16" if recommended.get("runtime") == "openvino-bf16" else "f32"
-            backend = OpenVinoBackend(model_path, threads, hint)
-            precision = "bf16" if hint == "bf16" else precision
+        backend: OrtBackend | OpenVinoBackend = metadata_backend
+        if settings.engine == "openvino":  # the metadata came from the onnxruntime session; OpenVINO serves
+            backend = open_session(model_path, settings)
+            precision = "bf16" if settings.precision_hint == "bf16" else precision
+        if backend.placement_warning():
+            warnings.warn(f"{model_path.name}: {backend.placement_warning()}", stacklevel=2)
         clf = cls(backend, model_path, classes, PreprocessSpec.from_dict(json.loads(meta["preprocess"])), precision, max_pixels)
         if self_test:
             clf.self_test()
         return clf
+
+    @property
+    def settings(self) -> SessionSettings:
+        """The session settings this classifier runs with."""
+        return self.backend.settings
 
     @property
     def providers(self) -> list[str]:
@@ -253,22 +192,46 @@ class Classifier:
         return [r for r in results if r is not None]
 
 
-def _model_file(path: Path) -> tuple[Path, dict[str, Any]]:
-    """The ONNX file to serve and the bundle's recommendation (empty when there is none)."""
+def serving_choice(path: Path, device: str, threads: int | None = None,
+                   runtime: str = "auto") -> tuple[Path, SessionSettings]:
+    """The ONNX file to serve on `device` and its session settings.
+
+    The bundle's recommendation is used only where it fits: recorded for this device, an ONNX file,
+    on an engine that is asked for or installed. Anything else serves model.onnx with the defaults
+    verify checks (TF32 off), so CUDA never gets a CPU-only file (int8, the CPU-optimised graph).
+    """
     if path.is_file():
-        return path, {}
-    if not path.is_dir():
+        model_path, recommended = path, {}
+    elif path.is_dir():
+        recommended = {}
+        if (path / MANIFEST).is_file():
+            recommended = Manifest.read(path / MANIFEST).recommended or {}
+        fits = (str(recommended.get("artifact", "")).endswith(".onnx") and recommended.get("device", "cpu") == device
+                and isinstance(recommended.get("session"), dict))
+        if not fits:
+            recommended = {}  # an eager/TorchScript or other-device recommendation: serve model.onnx instead
+        model_path = path / recommended.get("artifact", "model.onnx")
+        if not model_path.is_file():
+            raise RtkError(f"{path} has no {model_path.name}")
+    else:
         raise RtkError(f"no such bundle or ONNX file: {path}")
-    manifest = path / MANIFEST
-    recommended: dict[str, Any] = {}
-    if manifest.is_file():
-        recommended = json.loads(manifest.read_text(encoding="utf-8")).get("recommended") or {}
-    if not str(recommended.get("artifact", "")).endswith(".onnx"):
-        recommended = {}  # an eager/TorchScript recommendation needs torch: serve model.onnx instead
-    name = recommended.get("artifact", "model.onnx")
-    if not (path / name).is_file():
-        raise RtkError(f"{path} has no {name}")
-    return path / name, recommended
+    settings = SessionSettings.from_dict(recommended["session"]) if recommended else SessionSettings(device=device)
+    if runtime == "openvino" and settings.engine != "openvino":
+        if device != "cpu":
+            raise RtkError("runtime openvino runs on the CPU only")
+        settings = replace(settings, engine="openvino", graph_optimization="all")
+    if settings.engine == "openvino":
+        problem = openvino_problem(settings.precision_hint)
+        if runtime == "onnxruntime" or (problem and runtime == "auto"):
+            if problem and runtime == "auto":
+                warnings.warn(f"{path} recommends OpenVINO, which cannot run here ({problem}): serving "
+                              f"{model_path.name} with onnxruntime instead", stacklevel=3)
+            settings = replace(settings, engine="onnxruntime", precision_hint="f32")
+        elif problem:
+            raise RtkError(f"runtime openvino asked for, but {problem}")
+    if threads:
+        settings = replace(settings, threads=threads)
+    return model_path, settings
 
 
 def _name(source: Any, index: int) -> str:

@@ -15,12 +15,10 @@ from typing import Any
 import numpy as np
 
 from toolkit.bundle import Bundle
-from toolkit.errors import CheckFailed, RtkError
+from toolkit.errors import CheckFailed, RtkError, first_line
 from toolkit.preprocess import PreprocessSpec, list_images, open_image
-from toolkit.runners import keeps_torch_threads
+from toolkit.runners.torch_runner import keeps_torch_threads
 
-DEFAULT_RUNTIMES = ("eager", "eager-cuda", "eager-fp16", "torchscript", "torchscript-cuda", "torch-export",
-                    "torch-export-cuda", "ort-cpu", "ort-cuda", "ort-tensorrt", "openvino", "openvino-bf16")
 BATCH = 32
 
 
@@ -244,19 +242,42 @@ def file_classes(path: Path, fmt: str) -> list[str] | None:
 # ---------------------------------------------------------------- the stage
 
 
+
+def failure_record(entry, images: int, gates: Gates) -> Record:
+    """A record for an artifact that could not be run: every metric at its worst, the reason kept."""
+    return Record(entry.artifact, entry.runtime, entry.precision, images, max_abs_diff=float("inf"),
+                  max_rel_diff=float("inf"), mean_abs_diff=float("inf"), cosine_min=0.0, top1_agreement=0.0,
+                  top5_agreement=0.0, accuracy=None, reference_accuracy=None, accuracy_change=None,
+                  tolerance={}, passed=False, failed_metrics=["load"], details={"error": entry.reason})
+
+
 @keeps_torch_threads
 def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, random_images: int = 0,
                   checkpoint: str | Path | None = None, runtimes: list[str] | None = None, gates: Gates = Gates(),
-                  threads: int | None = None, seed: int = 0, device: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Compare every artifact on every runtime here with the reference; store the report in the manifest."""
+                  threads: int | None = None, seed: int = 0, device: str | None = None,
+                  echo: Callable[[str], None] = print, store: bool = True) -> dict[str, Any]:
+    """Compare every artifact on every runtime here with the reference; store the report in the manifest.
+
+    Runtimes run one at a time (loaded, compared, released). A runtime that cannot exist here is
+    skipped; an artifact that is missing, altered or cannot be loaded fails."""
     import torch
 
     from toolkit.checkpoint import source_from_manifest
-    from toolkit.fileio import sha256_file
-    from toolkit.runners import Runner, RunOptions, Skipped, load_or_skip, plan, require_named, runtimes_on
+    from toolkit.runners import (
+        VERIFY_DEFAULT,
+        Failed,
+        RunOptions,
+        Skipped,
+        each_loaded,
+        plan,
+        require_named,
+        runtimes_on,
+    )
 
     bundle = Bundle.open(bundle_path)
-    spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
+    if store:
+        bundle.check_writable()
+    spec = bundle.manifest.preprocess
     model, source = source_from_manifest(bundle.manifest, checkpoint)
     classes = bundle.classes
     if list(source.classes) != classes and source.kind == "checkpoint":
@@ -269,34 +290,41 @@ def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, ran
     try:
         ref = reference_logits(model, spec, inputs.crops)
         preprocess_diff = preprocess_difference(spec, inputs.crops)
-        wanted = runtimes or runtimes_on(device, DEFAULT_RUNTIMES) or list(DEFAULT_RUNTIMES)
-        entries = plan(bundle, wanted, lambda: (model, spec),
-                       RunOptions(threads=threads, tf32=False))
-        require_named(entries, runtimes)
-        entries = load_or_skip(entries)
+        wanted = runtimes or runtimes_on(device, VERIFY_DEFAULT) or list(VERIFY_DEFAULT)
+        entries = plan(bundle, wanted, lambda: (model, spec), RunOptions(threads=threads, tf32=False))
         require_named(entries, runtimes)
         records, skipped = [], []
-        for entry in entries:
+        for entry in each_loaded(entries):
             if isinstance(entry, Skipped):
                 skipped.append(asdict(entry))
                 continue
-            assert isinstance(entry, Runner)
-            out = run_batched(entry, inputs.crops)
+            if isinstance(entry, Failed):
+                records.append(failure_record(entry, len(inputs.crops), gates))
+                echo(f"FAIL {entry.artifact} on {entry.runtime}: {entry.reason}")
+                continue
+            try:
+                out = run_batched(entry, inputs.crops)
+            except Exception as exc:  # a file that loads but cannot run is as broken as one that does not load
+                reason = f"{entry.artifact}: {entry.runtime} failed to run it: {first_line(exc)}"
+                records.append(failure_record(Failed(entry.runtime, entry.artifact, entry.precision, reason),
+                                              len(inputs.crops), gates))
+                echo(f"FAIL {reason}")
+                continue
             m = compare(out, ref, inputs.names, inputs.labels, entry.precision, gates)
             if entry.artifact in bundle.files:
-                fmt = bundle.files[entry.artifact]["format"]
-                path = bundle.path(entry.artifact)
-                stored = file_classes(path, fmt)
+                stored = file_classes(bundle.path(entry.artifact), bundle.files[entry.artifact].format)
                 if stored != classes:
                     m["failed_metrics"].append("classes")
                     m["passed"] = False
                     entry.details["classes_in_file"] = stored
-                if sha256_file(path) != bundle.files[entry.artifact]["sha256"]:
-                    m["failed_metrics"].append("sha256")
-                    m["passed"] = False
             records.append(Record(entry.artifact, entry.runtime, entry.precision, len(out), details=entry.details, **m))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    if runtimes:  # a runtime the user named that turned out unavailable at load time is an error too
+        for name in runtimes:
+            if not any(r.runtime == name for r in records) and any(s["runtime"] == name for s in skipped):
+                reason = next(s["reason"] for s in skipped if s["runtime"] == name)
+                raise RtkError(f"runtime {name} is not available here: {reason}")
     report = {
         # nothing compared is no evidence: a run where every runtime was skipped does not pass
         "passed": bool(records) and all(r.passed for r in records) and preprocess_diff <= gates.preprocess_atol,
@@ -305,7 +333,8 @@ def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, ran
         "preprocess_max_abs_diff": preprocess_diff, "preprocess_passed": preprocess_diff <= gates.preprocess_atol,
         "gates": asdict(gates), "records": [asdict(r) for r in records], "skipped": skipped,
     }
-    bundle.update("verification", report)
+    if store:
+        bundle.update(verification=report)
     return report
 
 
@@ -324,7 +353,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{r['artifact']:<17} {r['runtime']:<18} {r['precision']:<5} {r['max_abs_diff']:9.2e} {r['max_rel_diff']:9.2e} "
                      f"{r['cosine_min']:9.6f} {pct(r['top1_agreement'])} {pct(r['top5_agreement'])} {pct(r['accuracy'])} "
                      f"{pct(r['accuracy_change'])}  {result}")
-        if not r["passed"]:
+        if r["details"].get("error"):
+            lines.append(f"    {r['details']['error']}")
+        elif not r["passed"]:
             lines.append(f"    would pass fp32 allclose at atol >= {r['atol_needed']:.3g} (rtol {report['gates']['rtol']}); "
                          f"top-1 changed on {len(r['top1_changed'])} images: {', '.join(r['top1_changed'][:10])}"
                          + (" ..." if len(r["top1_changed"]) > 10 else ""))

@@ -1,0 +1,72 @@
+"""This CPU: model, usable cores and the instruction-set flags that pick kernels (standard library only).
+
+Both sides use it: training picks bf16 from it, sessions refuse bf16 where it would be emulated.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    logical_cpus: int
+    usable_cpus: int
+    flags: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def avx512(self) -> bool:
+        return "avx512f" in self.flags
+
+    @property
+    def avx512_bf16(self) -> bool:
+        return "avx512_bf16" in self.flags
+
+    @property
+    def amx(self) -> bool:
+        return {"amx_tile", "amx_bf16"} <= self.flags
+
+    @property
+    def fast_bf16(self) -> bool:
+        """bf16 matrix units worth using for autocast (AMX or AVX512-BF16)."""
+        return self.amx or self.avx512_bf16
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "logical_cpus": self.logical_cpus,
+            "usable_cpus": self.usable_cpus,
+            "avx2": "avx2" in self.flags,
+            "avx512": self.avx512,
+            "avx512_vnni": "avx512_vnni" in self.flags,
+            "avx512_bf16": self.avx512_bf16,
+            "amx": self.amx,
+        }
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_info() -> CpuInfo:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return CpuInfo(model=model, logical_cpus=os.cpu_count() or 1, usable_cpus=usable_cpus(), flags=frozenset(flags))
