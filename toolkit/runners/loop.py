@@ -58,6 +58,16 @@ class MemoryScope:
 
 
 
+def _return_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise), so the next runtime's baseline is real."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline then includes memory the allocator kept
+        pass
+
+
 def each_loaded(entries: list[Entry]) -> Iterator[Runner | Skipped | Failed]:
     """Yield each entry with its runner loaded; an unavailable runtime comes back Skipped, an artifact
     that cannot be loaded Failed. A runner is released (and memory collected) before the next loads."""
@@ -88,3 +98,4 @@ def each_loaded(entries: list[Entry]) -> Iterator[Runner | Skipped | Failed]:
         finally:
             entry.release()
             gc.collect()
+            _return_freed_memory()
