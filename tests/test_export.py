@@ -201,3 +201,13 @@ def test_export_straight_from_torchvision_weights(tmp_path, monkeypatch):
                                   "weights": "ResNet18_Weights.IMAGENET1K_V1", "num_classes": 1000}
     result = rtk("verify", tmp_path / "b", "--random", "2", "--runtime", "ort-cpu")
     assert result.exit_code == 0, result.output
+
+
+def test_torchscript_convolutions_are_traced_without_tf32(tiny_bundle):
+    """Tracing bakes cuDNN's allow_tf32 into each convolution; on a GPU a TF32 file misses fp32 parity."""
+    import torch
+
+    module = torch.jit.load(str(tiny_bundle / "model.ts"))
+    convs = [n for n in module.inlined_graph.nodes() if n.kind() == "aten::_convolution"]
+    assert len(convs) == 20  # resnet18: 17 convolutions in the blocks + 3 downsample
+    assert all(list(n.inputs())[-1].toIValue() is False for n in convs)

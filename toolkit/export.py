@@ -224,7 +224,10 @@ def write_int8(fp32_path: Path, path: Path, crops: np.ndarray, meta: dict[str, s
 
 
 def write_torchscript(module: ImageClassifier, example: torch.Tensor, path: Path, meta: dict[str, str]) -> None:
-    traced = torch.jit.trace(module, example, check_inputs=[(example[:1],)])
+    # Tracing bakes cuDNN's allow_tf32 flag into every convolution as a constant (on by default): traced
+    # with it on, the file would run TF32 convolutions on a GPU whatever the caller sets, and miss fp32 parity.
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
+        traced = torch.jit.trace(module, example, check_inputs=[(example[:1],)])
     torch.jit.save(traced, str(path), _extra_files={f"{k}.txt": v for k, v in meta.items()})
 
 

@@ -242,7 +242,8 @@ def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, op
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> int:
     k = min(k, logits.shape[1])
-    return int((logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).sum())
+    # the loader's targets stay on the host; the logits may be on the GPU
+    return int((logits.topk(k, dim=1).indices == targets.to(logits.device)[:, None]).any(dim=1).sum())
 
 
 @torch.inference_mode()

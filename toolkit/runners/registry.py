@@ -92,7 +92,7 @@ def _pt2(spec: RuntimeSpec, name, path, entry, options, reference) -> Runner:
     from toolkit.runners.torch_runner import TorchModuleRunner, load_pt2
 
     return TorchModuleRunner(spec.name, name, entry.precision, options, device=spec.device,
-                             module_factory=lambda: load_pt2(path))
+                             module_factory=lambda: load_pt2(path, spec.device))
 
 
 def session_settings(spec: RuntimeSpec, entry: FileEntry, options: RunOptions, bundle_root: Path) -> SessionSettings:

@@ -107,11 +107,21 @@ def _load_file(loader: Callable[[], Any], path: Path, what: str):
         raise ArtifactBroken(f"{path.name}: {what} cannot load it: {first_line(exc)}") from None
 
 
+def _program_on(program, device: str):
+    if device == "cpu":
+        return program
+    from torch.export.passes import move_to_device_pass
+
+    return move_to_device_pass(program, device)
+
+
 def load_torchscript(path: Path, device: str = "cpu"):
     return _load_file(lambda: _torch().jit.load(str(path), map_location=device).eval(), Path(path), "torch.jit.load")
 
 
-def load_pt2(path: Path):
+def load_pt2(path: Path, device: str = "cpu"):
+    """A torch.export program as a module on `device`. An exported program records its device in the
+    graph, so a CUDA runner moves the program (torch.export's own pass), not just its weights."""
     import logging
 
     # torch.export.load logs a full traceback at WARNING before raising on a broken file; the raise is what counts.
@@ -119,6 +129,7 @@ def load_pt2(path: Path):
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        return _load_file(lambda: _torch().export.load(str(path)).module(), Path(path), "torch.export.load")
+        return _load_file(lambda: _program_on(_torch().export.load(str(path)), device).module(), Path(path),
+                          "torch.export.load")
     finally:
         logger.setLevel(level)
