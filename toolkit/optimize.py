@@ -28,6 +28,7 @@ from toolkit.fileio import atomic_path, sha256_file
 from toolkit.manifest import FileEntry
 from toolkit.runners.torch_runner import keeps_torch_threads
 from toolkit.sessions import SessionSettings, open_onnxruntime
+from toolkit.tables import render
 from toolkit.verify import Gates, compare, load_inputs, reference_logits, run_batched
 
 DEFAULT_RECIPES = (
@@ -287,7 +288,6 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
                  f"Verified on {report['holdout_images']} held-out labelled images ({report['holdout']}); int8 calibrated on "
                  f"{report['calibration_images']} images of {report['calibration']}; max accuracy drop "
                  f"{report['max_accuracy_drop_points']} pt. Latency: p50 per call; `vs eager` is eager fp32 p50 / this p50.", ""]
-        lines = title + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
+        lines = title + [render(head, body, "markdown")]
         return "\n".join(lines) + f"\n\n**{footer}**"
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in [head, *body]) + "\n" + footer
+    return render(head, body) + "\n" + footer
