@@ -119,3 +119,36 @@ def test_tensorrt_without_its_libraries_is_unavailable(monkeypatch):
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     monkeypatch.setattr(sessions, "_loadable", lambda lib: False)
     assert "libnvinfer" in sessions.provider_problem("TensorrtExecutionProvider")
+
+
+BLOCK_TRAINING_STACK = """
+import sys
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision', 'onnx', 'onnxscript'):
+            raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}", name=name.split('.')[0])
+sys.meta_path.insert(0, _Blocked())
+from toolkit.cli import main
+"""
+
+
+def test_the_serving_install_needs_no_training_stack():
+    """`pip install ".[serve,cpu]"` brings no torch, torchvision, onnx or onnxscript."""
+    tomllib = pytest.importorskip("tomllib")
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    heavy = ("torch", "torchvision", "onnx", "onnxscript")
+    for requirement in project["dependencies"] + project["optional-dependencies"]["serve"] + project["optional-dependencies"]["cpu"]:
+        assert requirement.split(">")[0].split("[")[0].split("=")[0] not in heavy, requirement
+
+
+def test_without_the_training_stack_predict_works_and_train_says_what_to_install(tiny_bundle, tiny_data, tmp_path):
+    image = next((tiny_data / "val" / "circle").iterdir())
+    run = [sys.executable, "-c", BLOCK_TRAINING_STACK + f"main(['predict', {str(tiny_bundle)!r}, {str(image)!r}])"]
+    proc = subprocess.run(run, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.count("\t") == 2, proc.stderr
+    run = [sys.executable, "-c", BLOCK_TRAINING_STACK + f"main(['train', {str(tiny_data)!r}, '-o', {str(tmp_path / 'o')!r}])"]
+    proc = subprocess.run(run, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "Error: rtk train needs torch, which is not installed here: pip install 'rtk[train,cpu]'"

@@ -31,6 +31,22 @@ class RtkGroup(click.Group):
             return super().invoke(ctx)
         except RtkError as exc:
             raise _RtkFailure(str(exc), exc.exit_code) from None
+        except ModuleNotFoundError as exc:
+            top = (exc.name or "").split(".")[0]
+            if top not in EXTRA_OF_MODULE:
+                raise  # a genuine bug keeps its traceback
+            command = ctx.invoked_subcommand or "this command"
+            raise _RtkFailure(f"rtk {command} needs {top}, which is not installed here: "
+                              f"pip install 'rtk[{EXTRA_OF_MODULE[top]}]'", 2) from None
+
+
+# A missing optional library -> the extra that installs it (the serving install has no training stack).
+EXTRA_OF_MODULE = {
+    "torch": "train,cpu", "torchvision": "train,cpu", "onnx": "train,cpu", "onnxscript": "train,cpu",
+    "onnxruntime": "cpu", "fastapi": "serve,cpu", "uvicorn": "serve,cpu", "starlette": "serve,cpu",
+    "prometheus_client": "serve,cpu", "multipart": "serve,cpu", "python_multipart": "serve,cpu",
+    "tritonclient": "triton", "openvino": "openvino", "sklearn": "demo", "matplotlib": "demo",
+}
 
 
 @click.group(cls=RtkGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -323,6 +339,45 @@ def predict_cmd(bundle: Path, images: tuple[Path, ...], top_k: int, batch_size: 
     if failed:
         click.echo(f"{len(failed)} of {len(predictions)} images failed", err=True)
         sys.exit(1)
+
+
+@main.command("serve")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes the server.")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--name", default=None, help="Model name in the URLs [the bundle folder's name].")
+@click.option("--max-batch-size", default=8, show_default=True, help="Rows merged into one model call (1: no batching).")
+@click.option("--max-queue-delay-ms", default=2.0, show_default=True, help="How long a request may wait for others.")
+@click.option("--max-queue", default=64, show_default=True, help="Requests waiting at most; more get 503 + Retry-After.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="Inference threads [the recommendation's, else onnxruntime's].")
+@click.option("--max-body-mb", default=32.0, show_default=True, help="Largest request body.")
+@click.option("--token-env", default="RTK_SERVE_TOKEN", show_default=True,
+              help="Environment variable holding a bearer token; when set, every endpoint but liveness needs it.")
+def serve_cmd(bundle: Path, **options) -> None:
+    """Serve BUNDLE over the Open Inference Protocol (KServe v2 / Triton HTTP): /v2/models/NAME/infer,
+    /v2/models/NAME/classify for encoded images, /metrics. Stops cleanly on SIGTERM."""
+    from toolkit.server import ServeConfig, serve
+
+    serve(ServeConfig(bundle=str(bundle), **options), echo=click.echo)
+
+
+@main.command("triton")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Triton model repository folder.")
+@click.option("--name", default=None, help="Model name [the bundle folder's name].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cuda", show_default=True)
+@click.option("--max-batch-size", default=32, show_default=True)
+@click.option("--tensorrt", is_flag=True, help="With --device cuda: Triton's TensorRT accelerator (FP16) for the ONNX model.")
+@click.option("--force", is_flag=True, help="Replace the model folder if it exists.")
+def triton_cmd(bundle: Path, output: Path, name: str | None, device: str, max_batch_size: int, tensorrt: bool,
+               force: bool) -> None:
+    """Write BUNDLE as a Triton model repository (onnxruntime backend), validated with Triton's own ModelConfig."""
+    from toolkit.triton import TritonConfig, write_repository
+
+    folder = write_repository(bundle, TritonConfig(output=output, name=name, device=device, max_batch_size=max_batch_size,
+                                                   tensorrt=tensorrt, force=force))
+    click.echo(f"wrote {folder} (config.pbtxt validated against Triton's ModelConfig and the ONNX file)")
 
 
 @main.command("demo")

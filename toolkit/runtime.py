@@ -165,6 +165,12 @@ class Classifier:
             raise CheckFailed(f"self-test failed for {self.path.name} on {self.providers[0]}: max abs diff {diff:.3g} "
                               f"(allowed {tol:.3g}), top-1 {'same' if same_top1 else 'changed'}")
 
+    def top_k(self, logits: np.ndarray, k: int) -> list[tuple[list[int], list[float]]]:
+        """The k most likely class indices and their softmax scores, per row of logits."""
+        probs = softmax(logits.astype(np.float64))
+        top = np.argsort(-probs, axis=1, kind="stable")[:, : min(k, len(self.classes))]
+        return [([int(j) for j in row], [float(probs[r, j]) for j in row]) for r, row in enumerate(top)]
+
     def predict(self, images: Iterable[ImageSource], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
         """Top-k labels, indices and softmax scores per image. An image that cannot be decoded gets a
         Prediction with `error` set; the others are still predicted."""
@@ -183,12 +189,8 @@ class Classifier:
                     results[i] = Prediction(_name(images[i], i), [], [], [], error=str(exc))
             if not crops:
                 continue
-            probs = softmax(self.logits(np.stack(crops)).astype(np.float64))
-            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-            for row, i in enumerate(where):
-                idx = [int(j) for j in top[row]]
-                results[i] = Prediction(_name(images[i], i), [self.classes[j] for j in idx], idx,
-                                        [float(probs[row, j]) for j in idx])
+            for row, (idx, scores) in zip(where, self.top_k(self.logits(np.stack(crops)), k)):
+                results[row] = Prediction(_name(images[row], row), [self.classes[j] for j in idx], idx, scores)
         return [r for r in results if r is not None]
 
 
