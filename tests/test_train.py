@@ -266,3 +266,50 @@ def test_ddp_with_two_cpu_processes(tiny_data, tmp_path):
     assert metrics["world_size"] == 2
     assert proc.stdout.count("epoch 1/1") == 1 and proc.stdout.count("best val top-1") == 1  # only rank 0 reports
     assert load_checkpoint(out / "checkpoint.pt")["classes"] == ["circle", "square", "stripes"]
+
+
+def test_a_step_the_grad_scaler_skips_is_not_applied_and_keeps_batchnorm_statistics(tiny_run):
+    """fp16's GradScaler skips a step whose scaled gradients overflow although the loss is finite."""
+    model = model_from_checkpoint(load_checkpoint(tiny_run / "checkpoint.pt")).train()
+    runtime = resolve_runtime(TrainConfig(precision="fp32"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    images, targets = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    hook = model.fc.weight.register_hook(lambda g: g * float("inf"))  # an overflow in one gradient only
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, loss, applied = train_step(model, images, targets, optimizer, scaler, nn.CrossEntropyLoss(), runtime)
+    assert torch.isfinite(loss) and not applied
+    assert _same(before, model.state_dict())  # weights and BatchNorm running statistics as they were
+    hook.remove()
+    _, _, applied = train_step(model, images, targets, optimizer, scaler, nn.CrossEntropyLoss(), runtime)
+    assert applied and not _same(before, model.state_dict())
+
+
+def test_resume_after_sigkill_continues_the_planned_epochs(tiny_data, tmp_path):
+    """Kill a 3-epoch run mid-way, resume without --epochs: the same final weights as an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [a for a in TRAIN_ARGS]
+    args[args.index("--epochs") + 1] = "3"
+    straight = rtk("train", tiny_data, "--output", tmp_path / "straight", *args)
+    assert straight.exit_code == 0, straight.output
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit", "train", str(tiny_data), "--output", str(run), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run / "last.pt").exists():  # written at the end of epoch 1
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    assert load_checkpoint(run / "last.pt")["epoch"] < 3  # it really stopped before the end
+    resumed = rtk("train", tiny_data, "--output", run, "--resume", run / "last.pt", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert "epoch 3/3" in resumed.output
+    assert _same(_weights(tmp_path / "straight" / "last.pt"), _weights(run / "last.pt"))
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
+    shorter = rtk("train", tiny_data, "--output", run, "--resume", run / "last.pt", "--epochs", "2", "--quiet")
+    assert shorter.exit_code == 2 and "already trained 3 epochs" in error_line(shorter)

@@ -5,6 +5,7 @@ Heavy libraries (torch, onnx, onnxruntime) are imported inside the commands so `
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -31,6 +32,11 @@ class RtkGroup(click.Group):
             return super().invoke(ctx)
         except RtkError as exc:
             raise _RtkFailure(str(exc), exc.exit_code) from None
+        except OSError as exc:
+            if exc.errno not in USER_OS_ERRORS:
+                raise  # a genuine bug keeps its traceback
+            where = f": {exc.filename}" if exc.filename else ""
+            raise _RtkFailure(f"{exc.strerror or exc}{where}", 2) from None
         except ModuleNotFoundError as exc:
             top = (exc.name or "").split(".")[0]
             if top not in EXTRA_OF_MODULE:
@@ -39,6 +45,10 @@ class RtkGroup(click.Group):
             raise _RtkFailure(f"rtk {command} needs {top}, which is not installed here: "
                               f"pip install 'rtk[{EXTRA_OF_MODULE[top]}]'", 2) from None
 
+
+# Errors of the machine or the user's paths (permission, no space, missing file): one line naming the path.
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+                  errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
 
 # A missing optional library -> the extra that installs it (the serving install has no training stack).
 EXTRA_OF_MODULE = {
@@ -159,10 +169,11 @@ def train_cmd(ctx: click.Context, data_dir: Path, output: Path, resume: Path | N
     """
     from toolkit.train import TrainConfig, train
 
-    if resume is not None and ctx.get_parameter_source("epochs") != click.core.ParameterSource.COMMANDLINE:
-        options["epochs"] = 1  # keep the saved run's epoch count unless --epochs is given
+    explicit_epochs = ctx.get_parameter_source("epochs") == click.core.ParameterSource.COMMANDLINE
     config = TrainConfig(**options)
-    metrics = train(data_dir, output, config, resume=resume, echo=click.echo, progress=not quiet)
+    # a resumed run keeps its own plan; only an explicit --epochs extends it
+    metrics = train(data_dir, output, config, resume=resume, echo=click.echo, progress=not quiet,
+                    extend_to=options["epochs"] if resume is not None and explicit_epochs else None)
     if metrics.get("rank", 0) != 0:
         return  # under torchrun only rank 0 reports
     click.echo(f"best val top-1 {metrics['best_val_top1']:.4f} (epoch {metrics['best_epoch']}), "
@@ -237,9 +248,10 @@ def verify_cmd(bundle: Path, checkpoint: Path | None, images: str | None, random
 
 def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **options) -> None:
     from toolkit.errors import CheckFailed
-    from toolkit.fileio import write_json
+    from toolkit.fileio import check_writable_file, write_json
     from toolkit.verify import format_report, verify_bundle
 
+    check_writable_file(json_path)
     report = verify_bundle(bundle, images=images, random_images=random_images, checkpoint=checkpoint, **options)
     click.echo(format_report(report))
     if json_path:
@@ -271,13 +283,21 @@ def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], device: str | None, b
                   csv_path: Path | None, markdown_path: Path | None) -> None:
     """Latency and throughput of BUNDLE on every runtime; unavailable runtimes are listed with the reason."""
     from toolkit.benchmark import BenchConfig, run_benchmark, table, write_outputs
+    from toolkit.fileio import check_writable_file
 
+    for path in (json_path, csv_path, markdown_path):
+        check_writable_file(path)  # before the run, not after it
     config = BenchConfig(runtimes=runtimes or None, device=device, batch_sizes=batch_sizes or (1, 8), warmup=warmup,
                          iterations=iterations, min_seconds=min_seconds, threads=threads, sweep=sweep, cuda_graph=cuda_graph)
     report = run_benchmark(bundle, config, echo=click.echo)
     click.echo("")
     click.echo(table(report))
     write_outputs(report, json_path, csv_path, markdown_path)
+    if not report["passed"]:
+        from toolkit.errors import CheckFailed
+
+        failed = [f"{r['runtime']} {r['artifact']}" for r in report["results"] if r.get("failed")]
+        raise CheckFailed(f"{len(failed)} runtime(s) could not run their artifact: {', '.join(failed)}")
 
 
 @main.command("optimize")
@@ -297,9 +317,11 @@ def optimize_cmd(bundle: Path, calibration_data: str, holdout: str | None, max_a
                  markdown_path: Path | None, json_path: Path | None) -> None:
     """Build int8 variants and an optimised graph, verify every CPU candidate on held-out images,
     benchmark those that pass, and record the fastest as the bundle's recommended deployment."""
-    from toolkit.fileio import write_json, write_text
+    from toolkit.fileio import check_writable_file, write_json, write_text
     from toolkit.optimize import OptimizeConfig, format_table, optimize_bundle
 
+    for path in (markdown_path, json_path):
+        check_writable_file(path)
     config = OptimizeConfig(calibration_data=calibration_data, holdout=holdout, max_accuracy_drop=max_accuracy_drop,
                             batch_sizes=batch_sizes or (1,), threads=threads, calibration_size=calibration_size,
                             min_seconds=min_seconds)
@@ -323,12 +345,18 @@ def optimize_cmd(bundle: Path, calibration_data: str, holdout: str | None, max_a
 def predict_cmd(bundle: Path, images: tuple[Path, ...], top_k: int, batch_size: int, providers: tuple[str, ...],
                 threads: int | None, self_test: bool, as_json: bool) -> None:
     """Classify image files or folders with the torch-free runtime. Exit 1 if any image failed."""
+    from toolkit.errors import RtkError
     from toolkit.preprocess import list_images
-    from toolkit.runtime import Classifier
+    from toolkit.runtime import Classifier, Prediction
 
     clf = Classifier.load(bundle, providers=providers or None, threads=threads, self_test=self_test)
-    paths = [p for item in images for p in list_images(item)]
-    predictions = clf.predict(paths, top_k=top_k, batch_size=batch_size)
+    paths, missing = [], []
+    for item in images:  # a missing path is reported with the others' predictions, not instead of them
+        try:
+            paths += list_images(item)
+        except RtkError as exc:
+            missing.append(Prediction(str(item), [], [], [], error=str(exc)))
+    predictions = clf.predict(paths, top_k=top_k, batch_size=batch_size) + missing
     if as_json:
         click.echo(json.dumps({"model": str(clf.path), "providers": clf.providers,
                                "predictions": [p.to_dict() for p in predictions]}, indent=2))

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from toolkit.errors import RtkError
-from toolkit.fileio import atomic_write
+from toolkit.fileio import atomic_write, check_writable_dir
 from toolkit.preprocess import IMAGE_EXTENSIONS, open_image
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,9 @@ def write_digits(out: str | Path, size: int = 64, val_fraction: float = 0.2, see
         from sklearn.datasets import load_digits
     except ImportError:
         raise RtkError("the digits need scikit-learn: pip install -e '.[demo]'") from None
-    digits = load_digits()
     out = Path(out)
+    check_writable_dir(out)
+    digits = load_digits()
     rng = random.Random(seed)
     counts = {"train": 0, "val": 0}
     for label in range(10):

@@ -24,7 +24,7 @@ from toolkit.bundle import FORMATS, LABELS, MANIFEST, PRECISIONS, SELFTEST, file
 from toolkit.checkpoint import ModelSource, load_source
 from toolkit.env import library_versions
 from toolkit.errors import RtkError
-from toolkit.fileio import sha256_file, write_json, write_text
+from toolkit.fileio import check_writable_dir, sha256_file, write_json, write_text
 from toolkit.graph import ImageClassifier
 from toolkit.preprocess import crop_array, list_images
 
@@ -295,6 +295,8 @@ def _prepare_output(output: Path, force: bool) -> None:
         raise RtkError(f"{output} exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not force:
         raise RtkError(f"{output} is not empty; pass --force to replace it")
+    # the bundle is staged beside its final place, then moved there
+    check_writable_dir(output.parent if output.exists() else output)
 
 
 def _install(staging: Path, output: Path) -> None:

@@ -56,3 +56,39 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_writable_dir(folder: str | os.PathLike) -> None:
+    """Fail now, with the path, if `folder` (or the nearest existing folder above it) cannot take new files.
+
+    Checked before a stage's expensive work, so a bad output path does not cost a training run. Creating
+    and removing a probe file tests what os.access cannot (read-only mounts, root on a read-only share).
+    """
+    from toolkit.errors import RtkError
+
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise RtkError(f"cannot write to {folder}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".rtk-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RtkError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
+def check_writable_file(path: str | os.PathLike | None) -> None:
+    """The folder of an output file (a --json/--csv/--markdown path) can take it; None passes."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        from toolkit.errors import RtkError
+
+        raise RtkError(f"{path} is a folder; give a file path")
+    check_writable_dir(path.parent)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,8 +123,7 @@ def update_selftest(bundle: Bundle, outputs: dict[str, Any]) -> None:
     from toolkit.bundle import SELFTEST
 
     path = bundle.path(SELFTEST)
-    with np.load(path) as data:
-        arrays = dict(data)
+    arrays = _read_selftest(bundle)
     for key, run in outputs.items():
         arrays[key] = run(arrays["images"])
     with atomic_path(path) as tmp:
@@ -164,6 +164,7 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
 
     bundle = Bundle.open(bundle_path)
     bundle.check_writable()
+    _selftest_images(bundle)  # a missing or corrupt selftest.npz is found now, not after the int8 builds
     spec = bundle.manifest.preprocess
     calib_dir, holdout_dir = split_folders(config.calibration_data, config.holdout)
     model, _ = source_from_manifest(bundle.manifest)
@@ -248,10 +249,21 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
 
 
 def _selftest_images(bundle: Bundle) -> np.ndarray:
+    return _read_selftest(bundle)["images"]
+
+
+def _read_selftest(bundle: Bundle) -> dict[str, np.ndarray]:
     from toolkit.bundle import SELFTEST
 
-    with np.load(bundle.path(SELFTEST)) as data:
-        return data["images"]
+    path = bundle.path(SELFTEST)
+    try:
+        with np.load(path) as data:
+            arrays = dict(data)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise RtkError(f"cannot read {path} (missing or corrupt; re-export the bundle): {exc}") from None
+    if "images" not in arrays:
+        raise RtkError(f"{path} has no 'images': re-export the bundle")
+    return arrays
 
 
 def _ort_cpu(path: Path):

@@ -24,7 +24,7 @@ from toolkit.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from toolkit.data import DatasetSplit, ImageDataset, discover
 from toolkit.env import cpu_info, usable_cpus
 from toolkit.errors import RtkError
-from toolkit.fileio import write_json, write_text
+from toolkit.fileio import check_writable_dir, write_json, write_text
 from toolkit.models import HEAD_PREFIX, build, check_arch, load_weights
 from toolkit.preprocess import PreprocessSpec
 
@@ -224,9 +224,10 @@ def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, op
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if scaler.is_enabled():
-        scaler.step(optimizer)
-        scaler.update()
-        applied = bool(torch.isfinite(loss))
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skips the update itself when the scaled gradients overflowed ...
+        scaler.update()  # ... and then lowers the scale: that is how a skipped step shows
+        applied = bool(torch.isfinite(loss)) and scaler.get_scale() >= scale
     else:
         # A NaN or inf anywhere makes the sum non-finite; summing is >10x cheaper than isfinite() per element.
         grad_sum = torch.stack([p.grad.sum() for p in model.parameters() if p.grad is not None]).sum()
@@ -287,18 +288,24 @@ def _history_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def train(data: str | Path, output: str | Path, config: TrainConfig, resume: str | Path | None = None,
-          echo: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+          echo: Callable[[str], None] = print, progress: bool = True, extend_to: int | None = None) -> dict[str, Any]:
     """Fine-tune, writing checkpoint.pt (best val top-1), last.pt, history.csv and metrics.json to `output`.
 
-    Everything that can fail on bad input is checked before the first file is written.
+    With `resume`, the saved run continues with its own options to its planned epochs; `extend_to`
+    (an explicit --epochs) may plan more. Everything that can fail on bad input is checked before the
+    first file is written.
     """
     output = Path(output)
+    check_writable_dir(output)
     state: dict[str, Any] | None = None
     if resume is not None:
         state = load_checkpoint(resume)
         if "training_state" not in state:
             raise RtkError(f"{resume} has no training state: resume from last.pt")
-        config = replace(TrainConfig(**state["train_config"]), epochs=max(config.epochs, state["epoch"]))
+        saved = TrainConfig(**state["train_config"])
+        if extend_to is not None and extend_to < state["epoch"]:
+            raise RtkError(f"{resume} has already trained {state['epoch']} epochs; --epochs {extend_to} would undo them")
+        config = replace(saved, epochs=extend_to or saved.epochs)
     runtime = resolve_runtime(config)
     split = discover(data, config.val_split, config.seed, config.strict)
     classes = list(split.classes)

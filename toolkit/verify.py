@@ -39,7 +39,7 @@ class Gates:
 class Inputs:
     crops: np.ndarray  # uint8 [N, S, S, 3]
     names: list[str]
-    labels: np.ndarray | None = None  # class indices in the bundle's order
+    labels: np.ndarray | None = None  # class indices in the bundle's order; -1 for an image with no label
 
 
 @dataclass
@@ -122,8 +122,9 @@ def compare(a: np.ndarray, ref: np.ndarray, names: list[str], labels: np.ndarray
         "cosine_min": cosine_min(a, ref), "top1_agreement": top1_agreement(a, ref), "top5_agreement": top5_agreement(a, ref),
         "accuracy": None, "reference_accuracy": None, "accuracy_change": None,
     }
-    if labels is not None:
-        m["accuracy"], m["reference_accuracy"] = accuracy(a, labels), accuracy(ref, labels)
+    if labels is not None and (labels >= 0).any():
+        known = labels >= 0
+        m["accuracy"], m["reference_accuracy"] = accuracy(a[known], labels[known]), accuracy(ref[known], labels[known])
         m["accuracy_change"] = m["accuracy"] - m["reference_accuracy"]
     failed = []
     if not np.isfinite(a).all():
@@ -183,7 +184,9 @@ def load_inputs(images: str | Path | None, random_images: int, spec: PreprocessS
         names += [f"random-{i}" for i in range(random_images)]
     if not crops:
         raise RtkError("nothing to verify on: give --images or --random N")
-    lab = np.array(labels) if labelled and not random_images else None
+    # Random images have no class: they are labelled -1 and left out of accuracy, so mixing them in keeps
+    # the accuracy gates of the labelled images (export's automatic verify does that).
+    lab = np.array(labels + [-1] * random_images) if labelled else None
     return Inputs(np.stack(crops), names, lab)
 
 
