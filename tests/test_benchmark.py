@@ -62,7 +62,7 @@ def test_benchmark_structure_percentiles_skips_and_threads(tiny_bundle, tmp_path
     assert skipped and all(r["reason"] for r in skipped)
     if not any(r["runtime"] == "ort-cuda" and not r["skipped"] for r in report["results"]):
         assert any(r["runtime"] == "ort-cuda" and "CUDAExecutionProvider" in r["reason"] for r in skipped)
-    assert (tmp_path / "r.csv").read_text().startswith("runtime,artifact,precision,batch,")
+    assert (tmp_path / "r.csv").read_text().startswith("runtime,artifact,precision,input,batch,")
     assert "| runtime |" in (tmp_path / "r.md").read_text()
     assert "p50" in result.output
 

@@ -37,7 +37,8 @@ def random_batch(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
 
 def test_bundle_contents_and_manifest(tiny_bundle, tiny_run):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.ts", "model.pt2"}
+    assert set(manifest["files"]) == {"model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.ts", "model.pt2",
+                                      "model.any-size.onnx"}
     assert (tiny_bundle / "labels.txt").read_text().split() == ["circle", "square", "stripes"]
     onnx_entry = manifest["files"]["model.onnx"]
     assert onnx_entry["inputs"] == [{"name": "image", "dtype": "uint8", "shape": ["batch", 32, 32, 3]}]

@@ -132,7 +132,8 @@ def test_openvino_takes_part_in_verify_and_benchmark(tiny_bundle, tiny_data, tmp
     result = rtk("verify", tiny_bundle, "--images", tiny_data / "val", "--runtime", "openvino", "--json", tmp_path / "v.json")
     assert result.exit_code == 0, result.output
     records = json.loads((tmp_path / "v.json").read_text())["records"]
-    assert {(r["artifact"], r["precision"]) for r in records} == {("model.onnx", "fp32"), ("model.int8.onnx", "int8")}
+    assert {(r["artifact"], r["precision"]) for r in records} == {("model.onnx", "fp32"), ("model.int8.onnx", "int8"),
+                                                                  ("model.any-size.onnx", "fp32")}
     result = rtk("benchmark", tiny_bundle, "--runtime", "openvino", "--batch-size", "2", "--warmup", "0", "--iterations", "2",
                  "--min-seconds", "0", "--threads", "1", "--json", tmp_path / "b.json")
     assert result.exit_code == 0, result.output

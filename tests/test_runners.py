@@ -60,7 +60,8 @@ def test_plan_lists_every_runtime_and_skips_with_reasons(tiny_bundle):
             if e.runtime in ("eager-cuda", "torchscript-cuda") and "is_available" in e.reason:
                 assert e.reason == "torch.cuda.is_available() is False"
     ort_cuda = [e for e in entries if e.runtime == "ort-cuda"]
-    assert {e.artifact for e in ort_cuda} == {"model.onnx", "model.fp16.onnx"}  # never the int8 file
+    assert {e.artifact for e in ort_cuda} == {"model.onnx", "model.fp16.onnx", "model.any-size.onnx"}  # never int8
+    assert {e.artifact for e in entries if e.runtime == "ort-tensorrt"} == {"model.onnx"}  # fixed-shape engines
 
 
 def test_the_registry_is_the_one_table_of_runtimes():
@@ -128,7 +129,7 @@ def test_the_stage_loop_releases_each_runner_before_the_next(tiny_bundle):
         assert all(r.backend is None for r in seen)  # every earlier one already released
         assert runner.memory.baseline_mb > 0 and runner.memory.peak_mb() >= runner.memory.baseline_mb
         seen.append(runner)
-    assert len(seen) == 3 and all(r.backend is None for r in seen)
+    assert len(seen) == 4 and all(r.backend is None for r in seen)
 
 
 def test_runners_reject_wrong_input():

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.bundle import Bundle
+from toolkit.bundle import Bundle, takes_any_size
 from toolkit.env import environment, usable_cpus
 from toolkit.errors import RtkError, first_line
 from toolkit.fileio import write_json, write_text
@@ -39,6 +39,7 @@ class BenchConfig:
     sweep: bool = False
     cuda_graph: bool = False
     seed: int = 0
+    any_size_input: tuple[int, int] = (640, 480)  # width, height of the whole images an any-size file gets
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -47,6 +48,8 @@ class BenchConfig:
             raise RtkError("--warmup must be >= 0, --iterations >= 1, --min-seconds >= 0")
         if self.threads is not None and self.threads < 1:
             raise RtkError("--threads must be at least 1")
+        if min(self.any_size_input) < 1:
+            raise RtkError("--any-size-input must be WIDTHxHEIGHT with both at least 1")
         if self.cuda_graph and (len(self.batch_sizes) != 1 or self.sweep):
             raise RtkError("--cuda-graph captures one input shape: give exactly one --batch-size and no --sweep")
 
@@ -110,11 +113,16 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
                    lambda: (source_from_manifest(bundle.manifest)[0], spec), options)
     require_named(entries, named)
     rng = np.random.default_rng(config.seed)
-    batches = {b: rng.integers(0, 256, (b, spec.crop_size, spec.crop_size, 3), dtype=np.uint8)
-               for b in sorted(set(config.batch_sizes) | (set(SWEEP_BATCHES) if config.sweep else set()))}
+    sizes = sorted(set(config.batch_sizes) | (set(SWEEP_BATCHES) if config.sweep else set()))
+    batches = {b: rng.integers(0, 256, (b, spec.crop_size, spec.crop_size, 3), dtype=np.uint8) for b in sizes}
+    width, height = config.any_size_input
+    whole = {b: rng.integers(0, 256, (b, height, width, 3), dtype=np.uint8) for b in sizes}  # for any-size files
     results: list[dict[str, Any]] = []
     for entry in each_loaded(entries):
         base = {"runtime": entry.runtime, "artifact": entry.artifact, "precision": entry.precision}
+        any_size = entry.artifact in bundle.files and takes_any_size(bundle.files[entry.artifact])
+        inputs = whole if any_size else batches
+        base["input"] = f"{width}x{height} image, resized in the graph" if any_size else f"{spec.crop_size}x{spec.crop_size} crop"
         if isinstance(entry, (Skipped, Failed)):
             failed = isinstance(entry, Failed)
             results.append({**base, "skipped": not failed, "failed": failed, "reason": entry.reason})
@@ -122,7 +130,7 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
             continue
         start = time.perf_counter()
         try:
-            entry(batches[min(batches)])  # the first result: cold start ends here (load time is in entry.details)
+            entry(inputs[min(inputs)])  # the first result: cold start ends here (load time is in entry.details)
         except Exception as exc:
             results.append({**base, "skipped": False, "failed": True, "reason": f"{entry.artifact}: {first_line(exc)}"})
             echo(f"{entry.runtime:<19} {entry.artifact:<16} FAILED: {first_line(exc)}")
@@ -133,7 +141,7 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         for b in config.batch_sizes:
-            prepared = entry.prepare(batches[b])
+            prepared = entry.prepare(inputs[b])
             samples = time_runner(entry.run_prepared, prepared, config.warmup, config.iterations, config.min_seconds)
             stats = latency_stats(samples, b)
             record = {**base, "batch_size": b, **stats, "cold_start_s": cold, "threads": threads, "skipped": False,
@@ -144,7 +152,7 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
             results.append(record)
             echo(_row(record))
         if config.sweep:
-            results.extend(sweep(entry, batches, config, echo))
+            results.extend(sweep(entry, inputs, config, echo))
     add_speedups(results)
     env = environment()
     env["threads"] = {"requested": threads, "torch": torch.get_num_threads(), "onnxruntime_intra_op": threads,
@@ -183,6 +191,7 @@ def add_speedups(results: list[dict[str, Any]]) -> None:
     """speedup_vs_eager: eager fp32's p50 over this record's p50 at the same batch size."""
     eager = {r["batch_size"]: r["p50_ms"] for r in results
              if r["runtime"] == "eager" and not r["skipped"] and "batch_size" in r}
+    # (an any-size row also resizes a whole image: its ratio to eager on crops includes that work)
     for r in results:
         if not r["skipped"] and "batch_size" in r:
             r["speedup_vs_eager"] = eager[r["batch_size"]] / r["p50_ms"] if r["batch_size"] in eager else None
@@ -197,9 +206,9 @@ def _row(r: dict[str, Any]) -> str:
 def table(report: dict[str, Any], fmt: str = "text") -> str:
     """The results as an aligned text table, GitHub Markdown or CSV, then what failed or was skipped."""
     rows = [r for r in report["results"] if "batch_size" in r]
-    head = ["runtime", "artifact", "precision", "batch", "mean ms", "p50 ms", "p90 ms", "p99 ms", "img/s",
+    head = ["runtime", "artifact", "precision", "input", "batch", "mean ms", "p50 ms", "p90 ms", "p99 ms", "img/s",
             "vs eager", "cv", "cold s", "peak RSS MB", "above baseline MB"]
-    body = [[r["runtime"], r["artifact"], r["precision"], str(r["batch_size"]), f"{r['mean_ms']:.2f}", f"{r['p50_ms']:.2f}",
+    body = [[r["runtime"], r["artifact"], r["precision"], r.get("input", "").split(" ")[0], str(r["batch_size"]), f"{r['mean_ms']:.2f}", f"{r['p50_ms']:.2f}",
              f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['images_per_second']:.1f}",
              f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-",
              f"{100 * r['cv']:.1f}%" + (" !" if r["unstable"] else ""), f"{r['cold_start_s']:.2f}",

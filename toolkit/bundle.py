@@ -20,9 +20,17 @@ FILES = {
     "model.int8.onnx": ("onnx", "int8"),
     "model.ts": ("torchscript", "fp32"),
     "model.pt2": ("pt2", "fp32"),
+    "model.any-size.onnx": ("onnx", "fp32"),  # resize + center crop inside the graph: any image size in
 }
+ANY_SIZE = "any-size"  # a manifest entry's "input": decoded images of any size, not crops
+ANY_SIZE_FILE = "model.any-size.onnx"
 FORMATS = ("onnx", "torchscript", "pt2")
 PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def takes_any_size(entry) -> bool:
+    """The file resizes and crops inside its graph (its input is a whole decoded image)."""
+    return entry.get("input") == ANY_SIZE
 
 
 def file_name(fmt: str, precision: str = "fp32") -> str:

@@ -200,16 +200,19 @@ def train_cmd(ctx: click.Context, data_dir: Path, output: Path, resume: Path | N
 @click.option("--image-size", type=int, default=None, help="Crop size for a plain state dict [224].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Run rtk verify on the new bundle.")
+@click.option("--any-size/--no-any-size", default=True, show_default=True,
+              help="With ONNX, also write model.any-size.onnx: resize and center crop inside the graph (any image size in).")
 def export_cmd(checkpoint: Path | None, output: Path, formats: tuple[str, ...], precisions: tuple[str, ...], opset: int,
                exporter: str, softmax: bool, calibration_data: str | None, calibration_size: int, arch: str | None,
-               weights: str | None, num_classes: int | None, image_size: int | None, force: bool, verify: bool) -> None:
+               weights: str | None, num_classes: int | None, image_size: int | None, force: bool, verify: bool,
+               any_size: bool) -> None:
     """Export CHECKPOINT (or torchvision --arch/--weights) to a bundle: model.onnx, model.ts, model.pt2,
     labels.txt, manifest.json. Input: uint8 [N, S, S, 3] RGB; the preprocessing is inside the graph."""
     from toolkit.export import ExportConfig, export_bundle
 
     config = ExportConfig(formats=formats or ("onnx", "torchscript", "pt2"), precisions=precisions or ("fp32",),
                           opset=opset, exporter=exporter, softmax=softmax, calibration_data=calibration_data,
-                          calibration_size=calibration_size, force=force, verify=verify)
+                          calibration_size=calibration_size, force=force, verify=verify, any_size=any_size)
     export_bundle(output, config, checkpoint, arch, weights, num_classes, image_size, echo=click.echo)
     click.echo(f"bundle written to {output}")
     if verify:
@@ -275,11 +278,14 @@ def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **opt
 @click.option("--threads", type=int, default=None, help="torch and onnxruntime threads [CPUs in this process's affinity].")
 @click.option("--sweep", is_flag=True, help="Also try thread counts x batch sizes; report best latency and throughput.")
 @click.option("--cuda-graph", is_flag=True, help="onnxruntime CUDA graphs for the IO-binding runtime (one --batch-size).")
+@click.option("--any-size-input", default="640x480", show_default=True,
+              help="WIDTHxHEIGHT of the whole images model.any-size.onnx gets (it resizes and crops them itself).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None)
 def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], device: str | None, batch_sizes: tuple[int, ...], warmup: int, iterations: int,
-                  min_seconds: float, threads: int | None, sweep: bool, cuda_graph: bool, json_path: Path | None,
+                  min_seconds: float, threads: int | None, sweep: bool, cuda_graph: bool, any_size_input: str,
+                  json_path: Path | None,
                   csv_path: Path | None, markdown_path: Path | None) -> None:
     """Latency and throughput of BUNDLE on every runtime; unavailable runtimes are listed with the reason."""
     from toolkit.benchmark import BenchConfig, run_benchmark, table, write_outputs
@@ -288,7 +294,8 @@ def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], device: str | None, b
     for path in (json_path, csv_path, markdown_path):
         check_writable_file(path)  # before the run, not after it
     config = BenchConfig(runtimes=runtimes or None, device=device, batch_sizes=batch_sizes or (1, 8), warmup=warmup,
-                         iterations=iterations, min_seconds=min_seconds, threads=threads, sweep=sweep, cuda_graph=cuda_graph)
+                         iterations=iterations, min_seconds=min_seconds, threads=threads, sweep=sweep, cuda_graph=cuda_graph,
+                         any_size_input=_width_height(any_size_input))
     report = run_benchmark(bundle, config, echo=click.echo)
     click.echo("")
     click.echo(table(report))
@@ -298,6 +305,16 @@ def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], device: str | None, b
 
         failed = [f"{r['runtime']} {r['artifact']}" for r in report["results"] if r.get("failed")]
         raise CheckFailed(f"{len(failed)} runtime(s) could not run their artifact: {', '.join(failed)}")
+
+
+def _width_height(text: str) -> tuple[int, int]:
+    from toolkit.errors import RtkError
+
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise RtkError(f"--any-size-input must look like 640x480, got {text!r}") from None
+    return width, height
 
 
 @main.command("optimize")

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from toolkit import __version__
-from toolkit.bundle import FORMATS, LABELS, MANIFEST, PRECISIONS, SELFTEST, file_name
+from toolkit.bundle import ANY_SIZE, ANY_SIZE_FILE, FORMATS, LABELS, MANIFEST, PRECISIONS, SELFTEST, file_name
 from toolkit.checkpoint import ModelSource, load_source
 from toolkit.env import library_versions
 from toolkit.errors import RtkError
 from toolkit.fileio import check_writable_dir, sha256_file, write_json, write_text
-from toolkit.graph import ImageClassifier
+from toolkit.graph import AnySizeClassifier, ImageClassifier
 from toolkit.preprocess import crop_array, list_images
 
 EXPORTERS = ("dynamo", "legacy")
@@ -49,6 +49,7 @@ class ExportConfig:
     verify: bool = True
     verify_random: int = 16
     seed: int = 0
+    any_size: bool = True  # also write model.any-size.onnx (resize + center crop in the graph)
 
     def __post_init__(self) -> None:
         import onnx
@@ -116,15 +117,22 @@ def _example(spec, batch: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (batch, spec.crop_size, spec.crop_size, 3), dtype=torch.uint8, generator=g)
 
 
-def write_onnx(module: ImageClassifier, example: torch.Tensor, path: Path, config: ExportConfig, meta: dict[str, str]) -> None:
+MIN_SIDE = 2  # the smallest image side the any-size graph is exported for (a 1-pixel side specialises)
+
+
+def write_onnx(module, example: torch.Tensor, path: Path, config: ExportConfig, meta: dict[str, str],
+               any_size: bool = False) -> None:
     import onnx
 
-    outputs = list(OUTPUT_NAMES[: 2 if module.softmax else 1])
+    softmax = module.classifier.softmax if any_size else module.softmax
+    outputs = list(OUTPUT_NAMES[: 2 if softmax else 1])
     tmp = path.with_suffix(".raw.onnx")
     if config.exporter == "dynamo":
-        batch = torch.export.Dim("batch", min=1, max=65536)
+        dims = {0: torch.export.Dim("batch", min=1, max=65536)}
+        if any_size:  # one size per batch, any size per call
+            dims |= {1: torch.export.Dim("height", min=MIN_SIDE, max=65536), 2: torch.export.Dim("width", min=MIN_SIDE, max=65536)}
         program = torch.onnx.export(module, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=outputs,
-                                    opset_version=config.opset, dynamic_shapes={"image": {0: batch}}, verbose=False)
+                                    opset_version=config.opset, dynamic_shapes={"image": dims}, verbose=False)
         program.save(str(tmp), external_data=False)
     else:
         axes = {name: {0: "batch"} for name in [INPUT_NAME, *outputs]}
@@ -276,6 +284,31 @@ def reload_runner(path: Path, fmt: str):
     return run
 
 
+def write_any_size(module: AnySizeClassifier, path: Path, config: ExportConfig, meta: dict[str, str]) -> None:
+    """The any-size graph, exported from an example whose height and width differ (so neither is mistaken
+    for the other) and are not the crop size."""
+    s = module.resize.crop_size
+    g = torch.Generator().manual_seed(config.seed)
+    example = torch.randint(0, 256, (config.example_batch, s + 7, 2 * s + 3, 3), dtype=torch.uint8, generator=g)
+    write_onnx(module, example, path, config, {**meta, "input": ANY_SIZE}, any_size=True)
+
+
+def check_any_size(path: Path, module: AnySizeClassifier) -> None:
+    """Run image sizes the export never saw (portrait, landscape, square, tiny, large) against the eager
+    module: a size baked in as a constant would show here."""
+    run = reload_runner(path, "onnx")
+    s = module.resize.crop_size
+    for i, (h, w) in enumerate([(3 * s, s + 1), (s, s), (MIN_SIDE, 5 * s), (4 * s + 9, 2)]):
+        image = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        got = run(image)[0]
+        with torch.inference_mode():
+            want = module(image)
+            want = (want[0] if isinstance(want, tuple) else want).numpy()
+        if got.shape != want.shape or not np.allclose(got, want, atol=1e-3, rtol=1e-3):
+            diff = f"max abs diff {float(np.abs(got - want).max()):.3g}" if got.shape == want.shape else f"shape {got.shape}"
+            raise RtkError(f"{path.name}: a {h}x{w} image gave other logits than the eager model ({diff})")
+
+
 def check_dynamic_batch(path: Path, fmt: str, spec, num_classes: int, softmax: bool) -> None:
     """Reload the file and run batches 1, 3 and 16: the batch dimension must really be dynamic."""
     run = reload_runner(path, fmt)
@@ -327,20 +360,24 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     files: dict[str, Any] = {}
     try:
-        jobs: list[tuple[str, str, Callable[[Path, dict[str, str]], None]]] = []
+        jobs: list[tuple[str, str, str, Callable[[Path, dict[str, str]], None]]] = []
         if "onnx" in config.formats:
-            jobs.append(("onnx", "fp32", lambda p, m: write_onnx(module, example, p, config, m)))
+            jobs.append((file_name("onnx"), "onnx", "fp32", lambda p, m: write_onnx(module, example, p, config, m)))
             onnx_fp32 = staging / file_name("onnx")
             if "fp16" in config.precisions:
-                jobs.append(("onnx", "fp16", lambda p, m: write_fp16(onnx_fp32, p, m)))
+                jobs.append((file_name("onnx", "fp16"), "onnx", "fp16", lambda p, m: write_fp16(onnx_fp32, p, m)))
             if "int8" in config.precisions:
-                jobs.append(("onnx", "int8", lambda p, m: write_int8(onnx_fp32, p, crops, m)))
+                jobs.append((file_name("onnx", "int8"), "onnx", "int8", lambda p, m: write_int8(onnx_fp32, p, crops, m)))
+            if config.any_size and config.exporter == "dynamo":
+                any_size = AnySizeClassifier(model, spec, softmax=config.softmax).eval()
+                jobs.append((ANY_SIZE_FILE, "onnx", "fp32", lambda p, m: write_any_size(any_size, p, config, m)))
+            elif config.any_size:
+                echo(f"{ANY_SIZE_FILE} not written: the legacy exporter bakes the example's image size into the resize")
         if "torchscript" in config.formats:
-            jobs.append(("torchscript", "fp32", lambda p, m: write_torchscript(module, example, p, m)))
+            jobs.append((file_name("torchscript"), "torchscript", "fp32", lambda p, m: write_torchscript(module, example, p, m)))
         if "pt2" in config.formats:
-            jobs.append(("pt2", "fp32", lambda p, m: write_pt2(module, example, p, m)))
-        for fmt, precision, write in jobs:
-            name = file_name(fmt, precision)
+            jobs.append((file_name("pt2"), "pt2", "fp32", lambda p, m: write_pt2(module, example, p, m)))
+        for name, fmt, precision, write in jobs:
             path = staging / name
             start = time.perf_counter()
             with torch.inference_mode(False), torch.no_grad():
@@ -351,6 +388,9 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
                 "outputs": [{"name": n, "dtype": "float32", "shape": ["batch", len(source.classes)]}
                             for n in OUTPUT_NAMES[: 2 if config.softmax else 1]]}
             check_dynamic_batch(path, fmt, spec, len(source.classes), config.softmax)
+            if name == ANY_SIZE_FILE:
+                check_any_size(path, any_size)
+                contract["input"] = ANY_SIZE
             files[name] = {
                 "format": fmt, "precision": precision, "sha256": sha256_file(path), "bytes": path.stat().st_size,
                 **contract, "opset": config.opset if fmt == "onnx" else None,

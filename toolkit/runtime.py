@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.bundle import MANIFEST, SELFTEST
+from toolkit.bundle import ANY_SIZE, ANY_SIZE_FILE, MANIFEST, SELFTEST
 from toolkit.errors import CheckFailed, RtkError, RuntimeUnavailable
 from toolkit.manifest import Manifest
-from toolkit.preprocess import DEFAULT_MAX_PIXELS, ImageSource, PreprocessSpec, crop_array
+from toolkit.preprocess import DEFAULT_MAX_PIXELS, ImageSource, PreprocessSpec, crop_array, open_image
 from toolkit.sessions import (
     OpenVinoBackend,
     OrtBackend,
@@ -95,10 +95,13 @@ class Classifier:
         self.spec = spec
         self.precision = precision
         self.max_pixels = max_pixels
+        # the file resizes and crops inside its graph: predict() decodes only, and feeds whole images
+        self.any_size = False
 
     @classmethod
     def load(cls, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None,
-             self_test: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, runtime: str = "auto") -> Classifier:
+             self_test: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, runtime: str = "auto",
+             any_size: bool = False) -> Classifier:
         """Load a bundle folder or an ONNX file.
 
         A bundle serves what `rtk optimize` recommended for the device asked for, with exactly the
@@ -109,7 +112,7 @@ class Classifier:
         if runtime not in ("auto", "onnxruntime", "openvino"):
             raise RtkError(f"runtime must be auto, onnxruntime or openvino, got {runtime!r}")
         device = device_for(providers)
-        model_path, settings = serving_choice(Path(path), device, threads, runtime)
+        model_path, settings = serving_choice(Path(path), device, threads, runtime, any_size)
         try:
             metadata_backend = open_onnxruntime(model_path, replace(settings, engine="onnxruntime", device=device,
                                                                     precision_hint="f32"))
@@ -130,6 +133,7 @@ class Classifier:
         if backend.placement_warning():
             warnings.warn(f"{model_path.name}: {backend.placement_warning()}", stacklevel=2)
         clf = cls(backend, model_path, classes, PreprocessSpec.from_dict(json.loads(meta["preprocess"])), precision, max_pixels)
+        clf.any_size = meta.get("input") == ANY_SIZE
         if self_test:
             clf.self_test()
         return clf
@@ -180,22 +184,45 @@ class Classifier:
         k = min(top_k, len(self.classes))
         results: list[Prediction | None] = [None] * len(images)
         for start in range(0, len(images), batch_size):
-            crops, where = [], []
+            inputs, where = [], []
             for i in range(start, min(start + batch_size, len(images))):
                 try:
-                    crops.append(crop_array(images[i], self.spec, self.max_pixels))
+                    inputs.append(self.model_input(images[i]))
                     where.append(i)
                 except RtkError as exc:
                     results[i] = Prediction(_name(images[i], i), [], [], [], error=str(exc))
-            if not crops:
+            if not inputs:
                 continue
-            for row, (idx, scores) in zip(where, self.top_k(self.logits(np.stack(crops)), k)):
+            # an any-size file takes one image size per call: images of the same size still share one
+            logits = self.logits(np.stack(inputs)) if not self.any_size else _by_shape(self.logits, inputs)
+            for row, (idx, scores) in zip(where, self.top_k(logits, k)):
                 results[row] = Prediction(_name(images[row], row), [self.classes[j] for j in idx], idx, scores)
         return [r for r in results if r is not None]
 
+    def model_input(self, image: ImageSource) -> np.ndarray:
+        """What the file takes for one image: the decoded image (any-size files) or its resized crop."""
+        if not self.any_size:
+            return crop_array(image, self.spec, self.max_pixels)
+        decoded = np.asarray(open_image(image, self.max_pixels))
+        if min(decoded.shape[:2]) < 1:
+            raise RtkError(f"image {_name(image, 0)} has a zero-sized side {decoded.shape[:2]}")
+        return decoded
+
+
+def _by_shape(run, images: list[np.ndarray]) -> np.ndarray:
+    """Logits of images of mixed sizes, one call per distinct size, in the images' order."""
+    out: list[np.ndarray | None] = [None] * len(images)
+    shapes: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        shapes.setdefault(image.shape, []).append(i)
+    for rows in shapes.values():
+        for i, logits in zip(rows, run(np.stack([images[i] for i in rows]))):
+            out[i] = logits
+    return np.stack(out)
+
 
 def serving_choice(path: Path, device: str, threads: int | None = None,
-                   runtime: str = "auto") -> tuple[Path, SessionSettings]:
+                   runtime: str = "auto", any_size: bool = False) -> tuple[Path, SessionSettings]:
     """The ONNX file to serve on `device` and its session settings.
 
     The bundle's recommendation is used only where it fits: recorded for this device, an ONNX file,
@@ -210,9 +237,9 @@ def serving_choice(path: Path, device: str, threads: int | None = None,
             recommended = Manifest.read(path / MANIFEST).recommended or {}
         fits = (str(recommended.get("artifact", "")).endswith(".onnx") and recommended.get("device", "cpu") == device
                 and isinstance(recommended.get("session"), dict))
-        if not fits:
+        if not fits or any_size:
             recommended = {}  # an eager/TorchScript or other-device recommendation: serve model.onnx instead
-        model_path = path / recommended.get("artifact", "model.onnx")
+        model_path = path / (ANY_SIZE_FILE if any_size else recommended.get("artifact", "model.onnx"))
         if not model_path.is_file():
             raise RtkError(f"{path} has no {model_path.name}")
     else:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from toolkit.bundle import Bundle
+from toolkit.bundle import Bundle, takes_any_size
 from toolkit.errors import RtkError
 from toolkit.hardware import cpu_info
 from toolkit.manifest import FileEntry
@@ -40,10 +40,13 @@ class RuntimeSpec:
 # ---------------------------------------------------------------- what each family accepts
 
 
-def _onnx(*precisions: str, plain: bool = False) -> Accepts:
-    """ONNX files of these precisions; `plain` leaves out onnxruntime's hardware-specific optimised graph."""
+def _onnx(*precisions: str, plain: bool = False, any_size: bool = True) -> Accepts:
+    """ONNX files of these precisions; `plain` leaves out onnxruntime's hardware-specific optimised graph,
+    `any_size=False` the file that resizes inside its graph (a fixed-shape engine cannot take it)."""
     def accepts(name: str, entry: FileEntry) -> bool:
         if entry.format != "onnx" or entry.precision not in precisions:
+            return False
+        if not any_size and takes_any_size(entry):
             return False
         return not (plain and entry.get("hardware_specific"))
     return accepts
@@ -142,13 +145,14 @@ ROWS = (
                 _onnx("fp32", "fp16", plain=True), _ort, unavailable=_provider("CUDAExecutionProvider", True),
                 verify_default=False, session={"device": "cuda"}),
     RuntimeSpec("ort-tensorrt", "cuda", "onnxruntime", "fp32 ONNX with TensorRT fp16; engine cache in the bundle",
-                _onnx("fp32", plain=True), _ort, "fp16", _provider("TensorrtExecutionProvider", True),
+                _onnx("fp32", plain=True, any_size=False), _ort, "fp16", _provider("TensorrtExecutionProvider", True),
                 session={"device": "tensorrt"}),
     RuntimeSpec("openvino", "cpu", "openvino", "fp32 and int8 ONNX files through OpenVINO (extra: openvino)",
                 _onnx("fp32", "int8", plain=True), _openvino, unavailable=lambda: openvino_problem("f32"),
                 session={"engine": "openvino", "precision_hint": "f32"}),
     RuntimeSpec("openvino-bf16", "cpu", "openvino", "fp32 ONNX files through OpenVINO with bf16 inference precision",
-                _onnx("fp32", plain=True), _openvino, "bf16", lambda: openvino_problem("bf16"),
+                # not the any-size file: bf16 matmuls cannot hold the resize's grey levels (8-bit mantissa)
+                _onnx("fp32", plain=True, any_size=False), _openvino, "bf16", lambda: openvino_problem("bf16"),
                 session={"engine": "openvino", "precision_hint": "bf16"}),
 )
 REGISTRY: dict[str, RuntimeSpec] = {row.name: row for row in ROWS}

@@ -1,0 +1,158 @@
+"""model.any-size.onnx: resize and center crop inside the graph, against torchvision's PIL pipeline on real
+photos of many sizes and shapes, on every runtime that loads it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import copy_bundle, rtk
+from toolkit.bundle import ANY_SIZE_FILE
+from toolkit.runtime import Classifier
+
+# (name, how to make it from a 640x427 photo): downscale, upscale, portrait, landscape, panorama, a few pixels
+# wide, 3000 px. Made with Pillow's LANCZOS and saved as PNG, so every variant is exactly what the reference reads.
+VARIANTS = {
+    "down-160x107": lambda im: im.resize((160, 107), Image.LANCZOS),
+    "up-1280x854": lambda im: im.resize((1280, 854), Image.LANCZOS),
+    "portrait-200x427": lambda im: im.crop((220, 0, 420, 427)),
+    "landscape-640x300": lambda im: im.crop((0, 60, 640, 360)),
+    "panorama-640x80": lambda im: im.crop((0, 170, 640, 250)),
+    "thin-3x427": lambda im: im.crop((300, 0, 303, 427)),
+    "tiny-9x6": lambda im: im.resize((9, 6), Image.LANCZOS),
+    "large-3000x2001": lambda im: im.resize((3000, 2001), Image.LANCZOS),
+    "square-427x427": lambda im: im.crop((100, 0, 527, 427)),
+}
+
+
+@pytest.fixture(scope="module")
+def photo_variants(photos, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("variants")
+    for photo in photos:
+        image = Image.open(photo).convert("RGB")
+        for name, make in VARIANTS.items():
+            make(image).save(folder / f"{photo.stem}-{name}.png")
+    return folder
+
+
+def test_the_bundle_has_the_any_size_file(tiny_bundle):
+    entry = json.loads((tiny_bundle / "manifest.json").read_text())["files"][ANY_SIZE_FILE]
+    assert entry["input"] == "any-size" and entry["precision"] == "fp32"
+    assert entry["inputs"] == [{"name": "image", "dtype": "uint8", "shape": ["batch", "height", "width", 3]}]
+
+
+def test_in_graph_crops_are_pillows_to_the_rounding(tiny_bundle, photo_variants):
+    """The resized pixels themselves, against torchvision's PIL pipeline (see README for the residual)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from toolkit.manifest import Manifest
+    from toolkit.verify import torchvision_crop
+
+    spec = Manifest.read(tiny_bundle / "manifest.json").preprocess
+    model = onnx.load(str(tiny_bundle / ANY_SIZE_FILE))
+    # expose the crop the resize produces: the input of the first Mul of the normalisation
+    node = next(n for n in model.graph.node if n.op_type == "Mul" and any("scale" in i for i in n.input))
+    crop_name = next(i for i in node.input if "scale" not in i)
+    model.graph.output.append(helper.make_tensor_value_info(crop_name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString())
+    identical, total, worst = 0, 0, 0.0
+    for path in sorted(photo_variants.iterdir()):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        got = session.run([crop_name], {"image": image[None]})[0][0]
+        want = torchvision_crop(path, spec).astype(np.float32)
+        assert got.shape == want.shape == (32, 32, 3), path.name
+        worst = max(worst, float(np.abs(got - want).max()))
+        identical += int((got == want).sum())
+        total += got.size
+    assert worst <= 1.0  # never more than one grey level: Pillow's rounding, not another resize
+    assert identical / total > 0.95
+
+
+@pytest.mark.parametrize("runtime", ["ort-cpu", "openvino"])
+def test_parity_on_real_photos_of_many_sizes(tiny_bundle, photo_variants, tmp_path, runtime):
+    if runtime == "openvino":
+        pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=(ANY_SIZE_FILE,))
+    result = rtk("verify", bundle, "--images", photo_variants, "--random", "6", "--runtime", runtime,
+                 "--json", tmp_path / "v.json")
+    assert result.exit_code == 0, result.output
+    [record] = [r for r in json.loads((tmp_path / "v.json").read_text())["records"] if r["artifact"] == ANY_SIZE_FILE]
+    assert record["images"] == 2 * len(VARIANTS) + 6 and record["top1_agreement_where_clear"] == 1.0
+    assert record["max_abs_diff"] <= record["tolerance"]["atol"]
+
+
+def test_a_wrong_resize_fails_verification(tiny_bundle, tiny_run, photo_variants, tmp_path):
+    """An any-size file that resizes to 40 px instead of the checkpoint's 36 must fail parity."""
+    import dataclasses
+
+    from tests.conftest import reseal
+    from toolkit.checkpoint import load_source
+    from toolkit.export import ExportConfig, write_any_size
+    from toolkit.graph import AnySizeClassifier
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=(ANY_SIZE_FILE,))
+    model, source = load_source(tiny_run / "checkpoint.pt")
+    wrong = AnySizeClassifier(model, dataclasses.replace(source.preprocess, resize_size=40)).eval()
+    meta = {"classes": json.dumps(list(source.classes)), "preprocess": json.dumps(source.preprocess.to_dict())}
+    write_any_size(wrong, bundle / ANY_SIZE_FILE, ExportConfig(), meta)
+    reseal(bundle, ANY_SIZE_FILE)
+    result = rtk("verify", bundle, "--images", photo_variants, "--runtime", "ort-cpu")
+    assert result.exit_code == 1 and "model.any-size.onnx on ort-cpu (max_abs_diff" in result.output
+
+
+def test_the_any_size_gate():
+    from toolkit.verify import Gates, compare
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(8, 3)) * 3
+    names = [str(i) for i in range(8)]
+    assert compare(ref + 1e-3, ref, names, None, "fp32", Gates(), any_size=True)["passed"]
+    shifted = compare(ref + rng.normal(size=(8, 3)), ref, names, None, "fp32", Gates(), any_size=True)
+    assert not shifted["passed"] and "max_abs_diff" in shifted["failed_metrics"]
+
+
+def test_the_classifier_decodes_only_and_agrees_with_host_resizing(tiny_bundle, photo_variants):
+    whole = Classifier.load(tiny_bundle, any_size=True)
+    crops = Classifier.load(tiny_bundle)
+    assert whole.any_size and whole.path.name == ANY_SIZE_FILE and not crops.any_size
+    paths = sorted(photo_variants.iterdir())
+    a, b = whole.predict(paths, top_k=3), crops.predict(paths, top_k=3)
+    assert [p.indices[0] for p in a] == [p.indices[0] for p in b]
+    assert max(abs(x.scores[0] - y.scores[0]) for x, y in zip(a, b)) < 0.02
+    assert whole.model_input(paths[0]).shape == np.asarray(Image.open(paths[0]).convert("RGB")).shape
+
+
+def test_bad_input_is_one_clear_error(tiny_bundle):
+    from toolkit.errors import RtkError
+    from toolkit.runners import check_batch
+
+    clf = Classifier.load(tiny_bundle, any_size=True)
+    for bad in (np.zeros((4, 5), np.float32), np.zeros((5, 5, 2), np.uint8), np.zeros((0, 5, 3), np.uint8)):
+        [p] = clf.predict([bad])
+        assert not p.ok and p.error
+    for bad in (np.zeros((5, 5, 3), np.uint8), np.zeros((1, 5, 5, 4), np.uint8), np.zeros((1, 5, 5, 3), np.float32)):
+        with pytest.raises(RtkError):
+            check_batch(bad)
+
+
+def test_benchmark_times_it_on_whole_images(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", ANY_SIZE_FILE))
+    result = rtk("benchmark", bundle, "--runtime", "ort-cpu", "--batch-size", "1", "--warmup", "1", "--iterations", "3",
+                 "--min-seconds", "0", "--any-size-input", "320x240", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    rows = {r["artifact"]: r for r in json.loads((tmp_path / "b.json").read_text())["results"]}
+    assert rows[ANY_SIZE_FILE]["input"].startswith("320x240 image") and rows["model.onnx"]["input"] == "32x32 crop"
+
+
+def test_the_legacy_exporter_writes_no_any_size_file(tiny_run, tmp_path):
+    result = rtk("export", tiny_run / "checkpoint.pt", "--output", tmp_path / "b", "--format", "onnx", "--exporter", "legacy",
+                 "--opset", "17", "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert f"{ANY_SIZE_FILE} not written: the legacy exporter" in result.output
+    assert not (tmp_path / "b" / ANY_SIZE_FILE).exists()
