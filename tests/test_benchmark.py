@@ -124,3 +124,56 @@ def test_stages_leave_torch_threads_as_they_found_them(tiny_bundle, tmp_path):
     result = rtk("benchmark", bundle, *FAST, "--runtime", "eager", "--batch-size", "1", "--threads", str(before + 1))
     assert result.exit_code == 0
     assert torch.get_num_threads() == before
+
+
+def test_interleaved_rounds_time_every_runtime_in_each_round(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    result = rtk("benchmark", bundle, "--runtime", "eager", "--runtime", "ort-cpu", "--batch-size", "1", "--batch-size", "2",
+                 "--warmup", "2", "--iterations", "9", "--min-seconds", "0", "--rounds", "3", "--threads", "1",
+                 "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    rows = [r for r in json.loads((tmp_path / "r.json").read_text())["results"] if "batch_size" in r]
+    assert len(rows) == 4  # (eager, ort-cpu model.onnx) x (1, 2)
+    for r in rows:
+        assert r["rounds"] == 3 and len(r["round_p50_ms"]) == 3 and r["iterations"] >= 9
+    ort = [r for r in rows if r["runtime"] == "ort-cpu"]
+    for r in ort:  # the ratio is taken round by round, and its spread kept
+        assert len(r["speedup_rounds"]) == 3 and r["speedup_spread"] >= 0
+        assert min(r["speedup_rounds"]) <= r["speedup_vs_eager"] <= max(r["speedup_rounds"])
+    sequential = rtk("benchmark", bundle, "--runtime", "ort-cpu", "--batch-size", "1", "--warmup", "1", "--iterations", "3",
+                     "--min-seconds", "0", "--sequential", "--json", tmp_path / "s.json")
+    assert sequential.exit_code == 0, sequential.output
+    assert all("rounds" not in r for r in json.loads((tmp_path / "s.json").read_text())["results"])
+
+
+def test_the_rounds_run_in_a_new_order_each_time(monkeypatch):
+    from toolkit import benchmark
+
+    order: list[tuple[str, int]] = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def load(self):
+            pass
+
+        def release(self):
+            pass
+
+        def prepare(self, x):
+            return x
+
+        def run_prepared(self, x):
+            order.append((self.name, len(x)))
+
+    later = [(Fake(n), {1: [0], 2: [0, 0]}, {"runtime": n, "artifact": "model.onnx", "precision": "fp32", "cold_start_s": 0.0})
+             for n in ("a", "b", "c")]
+    records = benchmark.interleaved(later, BenchConfig(batch_sizes=(1, 2), warmup=0, iterations=3, min_seconds=0, rounds=4),
+                                    lambda s: None)
+    assert len(records) == 6 and all(len(r["round_p50_ms"]) == 4 for r in records)
+    calls_per_pair = len(order) // (4 * 6)  # warm-up and timed calls of one pair in one round
+    pairs = order[::calls_per_pair]
+    per_round = [pairs[i * 6:(i + 1) * 6] for i in range(4)]
+    assert len({tuple(r) for r in per_round}) > 1  # shuffled: not the same order every round
+    assert all(sorted(r) == sorted(per_round[0]) for r in per_round)  # every pair in every round

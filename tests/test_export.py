@@ -212,3 +212,19 @@ def test_torchscript_convolutions_are_traced_without_tf32(tiny_bundle):
     convs = [n for n in module.inlined_graph.nodes() if n.kind() == "aten::_convolution"]
     assert len(convs) == 20  # resnet18: 17 convolutions in the blocks + 3 downsample
     assert all(list(n.inputs())[-1].toIValue() is False for n in convs)
+
+
+def test_int8_setting_follows_the_instruction_set(tiny_bundle):
+    """u8 x s8 where int8 dot products are one instruction; 7-bit weights where onnxruntime's kernels saturate."""
+    from toolkit.export import QuantRecipe, int8_recipe_for
+    from toolkit.hardware import CpuInfo
+
+    avx2 = CpuInfo("EPYC", 2, 2, frozenset({"avx2", "fma"}))
+    avx512 = CpuInfo("Xeon", 2, 2, frozenset({"avx2", "avx512f", "avx512bw"}))
+    vnni = CpuInfo("Zen4", 2, 2, frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    amx = CpuInfo("SPR", 2, 2, frozenset({"avx512f", "amx_tile", "amx_int8"}))
+    assert int8_recipe_for(avx2) == int8_recipe_for(avx512) == QuantRecipe(reduce_range=True)
+    assert int8_recipe_for(vnni) == int8_recipe_for(amx) == QuantRecipe()
+    assert QuantRecipe(reduce_range=True).file_name == "model.int8.onnx"
+    entry = json.loads((tiny_bundle / "manifest.json").read_text())["files"]["model.int8.onnx"]
+    assert entry["quantization"]["reduce_range"] is not entry["quantized_for"]["vnni"]

@@ -24,6 +24,9 @@ from toolkit.runners.torch_runner import keeps_torch_threads
 from toolkit.tables import render
 
 UNSTABLE_CV = 0.10
+# onnxruntime's and OpenMP's worker threads spin for a while after a call; in interleaved rounds the next
+# runtime would share the cores with them
+SETTLE_S = 0.02
 SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
 
 
@@ -40,6 +43,11 @@ class BenchConfig:
     cuda_graph: bool = False
     seed: int = 0
     any_size_input: tuple[int, int] = (640, 480)  # width, height of the whole images an any-size file gets
+    # Interleaved timing: `rounds` rounds, each running every (runtime, batch) in a new shuffled order, so a
+    # slowdown of the host hits all alike (Google Benchmark's random interleaving). False: one runtime after
+    # the other, each timed in one block.
+    interleave: bool = True
+    rounds: int = 10
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -48,6 +56,8 @@ class BenchConfig:
             raise RtkError("--warmup must be >= 0, --iterations >= 1, --min-seconds >= 0")
         if self.threads is not None and self.threads < 1:
             raise RtkError("--threads must be at least 1")
+        if self.rounds < 1:
+            raise RtkError("--rounds must be at least 1")
         if min(self.any_size_input) < 1:
             raise RtkError("--any-size-input must be WIDTHxHEIGHT with both at least 1")
         if self.cuda_graph and (len(self.batch_sizes) != 1 or self.sweep):
@@ -118,6 +128,7 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
     width, height = config.any_size_input
     whole = {b: rng.integers(0, 256, (b, height, width, 3), dtype=np.uint8) for b in sizes}  # for any-size files
     results: list[dict[str, Any]] = []
+    later: list[tuple[Any, dict[int, np.ndarray], dict[str, Any]]] = []  # loaded once, timed together afterwards
     for entry in each_loaded(entries):
         base = {"runtime": entry.runtime, "artifact": entry.artifact, "precision": entry.precision}
         any_size = entry.artifact in bundle.files and takes_any_size(bundle.files[entry.artifact])
@@ -140,19 +151,24 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
         if on_cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        for b in config.batch_sizes:
-            prepared = entry.prepare(inputs[b])
-            samples = time_runner(entry.run_prepared, prepared, config.warmup, config.iterations, config.min_seconds)
-            stats = latency_stats(samples, b)
-            record = {**base, "batch_size": b, **stats, "cold_start_s": cold, "threads": threads, "skipped": False,
-                      "failed": False, "unstable": stats["cv"] > UNSTABLE_CV, **entry.memory.to_dict(),
-                      "details": dict(entry.details)}
-            if on_cuda:
-                record["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            results.append(record)
-            echo(_row(record))
+        measured = {**base, "cold_start_s": cold, "threads": threads, "skipped": False, "failed": False,
+                    **entry.memory.to_dict(), "details": dict(entry.details)}
+        if config.interleave:  # timed below, with every other runtime, in shuffled rounds
+            later.append((entry, inputs, measured))
+        else:
+            for b in config.batch_sizes:
+                samples = time_runner(entry.run_prepared, entry.prepare(inputs[b]), config.warmup, config.iterations,
+                                      config.min_seconds)
+                record = {**measured, "batch_size": b, **latency_stats(samples, b)}
+                record["unstable"] = record["cv"] > UNSTABLE_CV
+                if on_cuda:
+                    record["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                results.append(record)
+                echo(_row(record))
         if config.sweep:
             results.extend(sweep(entry, inputs, config, echo))
+    if later:
+        results.extend(interleaved(later, config, echo))
     add_speedups(results)
     env = environment()
     env["threads"] = {"requested": threads, "torch": torch.get_num_threads(), "onnxruntime_intra_op": threads,
@@ -187,14 +203,58 @@ def sweep(runner, batches: dict[int, np.ndarray], config: BenchConfig, echo) -> 
              "skipped": False, "best_latency": best_latency, "best_throughput": best_throughput, "trials": trials}]
 
 
+def interleaved(later: list[tuple[Any, dict[int, np.ndarray], dict[str, Any]]], config: BenchConfig,
+                echo) -> list[dict[str, Any]]:
+    """Time every (runner, batch) in `config.rounds` rounds, each round in a new shuffled order; each record
+    keeps all its samples' statistics and its median per round (for the spread of ratios)."""
+    rng = np.random.default_rng(config.seed)
+    calls = max(3, -(-config.iterations // config.rounds))
+    warmup = max(1, -(-config.warmup // config.rounds))  # after switching runtimes, caches are cold again
+    seconds = config.min_seconds / config.rounds
+    pairs = [(i, b) for i in range(len(later)) for b in config.batch_sizes]
+    samples: dict[tuple[int, int], list[float]] = {pair: [] for pair in pairs}
+    medians: dict[tuple[int, int], list[float]] = {pair: [] for pair in pairs}
+    runners = [entry for entry, _, _ in later]
+    for r in runners:
+        r.load()
+    try:
+        for _ in range(config.rounds):
+            for k in rng.permutation(len(pairs)):
+                i, b = pairs[k]
+                entry, inputs, _ = later[i]
+                time.sleep(SETTLE_S)  # let the previous runtime's spinning worker threads go idle first
+                got = time_runner(entry.run_prepared, entry.prepare(inputs[b]), warmup, calls, seconds)
+                samples[(i, b)] += got
+                medians[(i, b)].append(float(np.median(got)) * 1e3)
+    finally:
+        for r in runners:
+            r.release()
+    records = []
+    for i, b in pairs:
+        record = {**later[i][2], "batch_size": b, **latency_stats(samples[(i, b)], b), "rounds": config.rounds,
+                  "round_p50_ms": medians[(i, b)]}
+        record["unstable"] = record["cv"] > UNSTABLE_CV
+        records.append(record)
+        echo(_row(record))
+    return records
+
+
 def add_speedups(results: list[dict[str, Any]]) -> None:
-    """speedup_vs_eager: eager fp32's p50 over this record's p50 at the same batch size."""
-    eager = {r["batch_size"]: r["p50_ms"] for r in results
-             if r["runtime"] == "eager" and not r["skipped"] and "batch_size" in r}
+    """speedup_vs_eager: eager fp32's p50 over this record's p50 at the same batch size. With interleaved
+    rounds, the ratio of each round is kept too, and its spread, (max - min) / median across rounds."""
+    eager = {r["batch_size"]: r for r in results if r["runtime"] == "eager" and not r["skipped"] and "batch_size" in r}
     # (an any-size row also resizes a whole image: its ratio to eager on crops includes that work)
     for r in results:
-        if not r["skipped"] and "batch_size" in r:
-            r["speedup_vs_eager"] = eager[r["batch_size"]] / r["p50_ms"] if r["batch_size"] in eager else None
+        if r["skipped"] or "batch_size" not in r:
+            continue
+        ref = eager.get(r["batch_size"])
+        r["speedup_vs_eager"] = ref["p50_ms"] / r["p50_ms"] if ref else None
+        if ref and "round_p50_ms" in r and "round_p50_ms" in ref:
+            # the ratio itself stays the pooled p50s' (samples of both spread over the same span of time,
+            # robust to bursts that hit some rounds); the per-round ratios show how much it moved
+            ratios = np.asarray(ref["round_p50_ms"]) / np.asarray(r["round_p50_ms"])
+            r["speedup_rounds"] = [float(x) for x in ratios]
+            r["speedup_spread"] = float((ratios.max() - ratios.min()) / np.median(ratios))
 
 
 def _row(r: dict[str, Any]) -> str:
@@ -207,10 +267,11 @@ def table(report: dict[str, Any], fmt: str = "text") -> str:
     """The results as an aligned text table, GitHub Markdown or CSV, then what failed or was skipped."""
     rows = [r for r in report["results"] if "batch_size" in r]
     head = ["runtime", "artifact", "precision", "input", "batch", "mean ms", "p50 ms", "p90 ms", "p99 ms", "img/s",
-            "vs eager", "cv", "cold s", "peak RSS MB", "above baseline MB"]
+            "vs eager", "ratio spread", "cv", "cold s", "peak RSS MB", "above baseline MB"]
     body = [[r["runtime"], r["artifact"], r["precision"], r.get("input", "").split(" ")[0], str(r["batch_size"]), f"{r['mean_ms']:.2f}", f"{r['p50_ms']:.2f}",
              f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['images_per_second']:.1f}",
              f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-",
+             f"{100 * r['speedup_spread']:.1f}%" if r.get("speedup_spread") is not None else "-",
              f"{100 * r['cv']:.1f}%" + (" !" if r["unstable"] else ""), f"{r['cold_start_s']:.2f}",
              f"{r['peak_rss_mb']:.0f}", f"{r['peak_rss_above_baseline_mb']:.0f}"]
             for r in rows]

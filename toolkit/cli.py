@@ -278,13 +278,17 @@ def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **opt
 @click.option("--threads", type=int, default=None, help="torch and onnxruntime threads [CPUs in this process's affinity].")
 @click.option("--sweep", is_flag=True, help="Also try thread counts x batch sizes; report best latency and throughput.")
 @click.option("--cuda-graph", is_flag=True, help="onnxruntime CUDA graphs for the IO-binding runtime (one --batch-size).")
+@click.option("--interleave/--sequential", default=True, show_default=True,
+              help="Time the runtimes in shuffled rounds (a host slowdown hits all alike), or one after the other.")
+@click.option("--rounds", default=10, show_default=True, help="Interleaved rounds.")
 @click.option("--any-size-input", default="640x480", show_default=True,
               help="WIDTHxHEIGHT of the whole images model.any-size.onnx gets (it resizes and crops them itself).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None)
 def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], device: str | None, batch_sizes: tuple[int, ...], warmup: int, iterations: int,
-                  min_seconds: float, threads: int | None, sweep: bool, cuda_graph: bool, any_size_input: str,
+                  min_seconds: float, threads: int | None, sweep: bool, cuda_graph: bool, interleave: bool, rounds: int,
+                  any_size_input: str,
                   json_path: Path | None,
                   csv_path: Path | None, markdown_path: Path | None) -> None:
     """Latency and throughput of BUNDLE on every runtime; unavailable runtimes are listed with the reason."""
@@ -295,7 +299,7 @@ def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], device: str | None, b
         check_writable_file(path)  # before the run, not after it
     config = BenchConfig(runtimes=runtimes or None, device=device, batch_sizes=batch_sizes or (1, 8), warmup=warmup,
                          iterations=iterations, min_seconds=min_seconds, threads=threads, sweep=sweep, cuda_graph=cuda_graph,
-                         any_size_input=_width_height(any_size_input))
+                         any_size_input=_width_height(any_size_input), interleave=interleave, rounds=rounds)
     report = run_benchmark(bundle, config, echo=click.echo)
     click.echo("")
     click.echo(table(report))

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from toolkit.env import library_versions
 from toolkit.errors import RtkError
 from toolkit.fileio import check_writable_dir, sha256_file, write_json, write_text
 from toolkit.graph import AnySizeClassifier, ImageClassifier
+from toolkit.hardware import cpu_info
 from toolkit.preprocess import crop_array, list_images
 
 EXPORTERS = ("dynamo", "legacy")
@@ -170,17 +171,28 @@ class QuantRecipe:
     calibration: str = "minmax"  # minmax | entropy | percentile
     activations: str = "u8"  # u8 (onnxruntime's recommendation on x86) | s8
     per_channel: bool = True
+    # 7-bit weights: onnxruntime's remedy for u8 x s8 saturation on x86 without VNNI (AVX2, AVX-512 w/o VNNI)
+    reduce_range: bool = False
 
     @property
     def file_name(self) -> str:
-        if self == QuantRecipe():
+        if self in (QuantRecipe(), QuantRecipe(reduce_range=True)):  # what --precision int8 writes, by CPU
             return file_name("onnx", "int8")
-        return f"model.int8-{self.calibration}-{self.activations}{'' if self.per_channel else '-per-tensor'}.onnx"
+        return (f"model.int8-{self.calibration}-{self.activations}{'' if self.per_channel else '-per-tensor'}"
+                f"{'-reduce-range' if self.reduce_range else ''}.onnx")
 
     @property
     def label(self) -> str:
-        return (f"QDQ, {self.calibration} calibration, {self.activations} activations, s8 weights "
+        return (f"QDQ, {self.calibration} calibration, {self.activations} activations, "
+                f"{'7-bit (reduce_range)' if self.reduce_range else 's8'} weights "
                 f"{'per channel' if self.per_channel else 'per tensor'}")
+
+
+def int8_recipe_for(cpu) -> QuantRecipe:
+    """The onnxruntime int8 setting that is safe on this CPU: u8 activations x s8 weights where int8 dot
+    products are one instruction (VNNI, AMX); 7-bit weights (reduce_range) on CPUs without, where
+    onnxruntime's u8 x s8 kernels can saturate (its quantisation docs) and accuracy drops."""
+    return QuantRecipe() if cpu.vnni else QuantRecipe(reduce_range=True)
 
 
 # onnxruntime's histogram calibrators (entropy, percentile) keep every intermediate tensor of every
@@ -224,7 +236,8 @@ def write_int8(fp32_path: Path, path: Path, crops: np.ndarray, meta: dict[str, s
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
                         activation_type=QuantType.QUInt8 if recipe.activations == "u8" else QuantType.QInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=methods[recipe.calibration])
+                        weight_type=QuantType.QInt8, calibrate_method=methods[recipe.calibration],
+                        reduce_range=recipe.reduce_range)
     model = onnx.load(str(path))
     set_onnx_metadata(model, meta)
     onnx.save(model, str(path))
@@ -367,7 +380,8 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
             if "fp16" in config.precisions:
                 jobs.append((file_name("onnx", "fp16"), "onnx", "fp16", lambda p, m: write_fp16(onnx_fp32, p, m)))
             if "int8" in config.precisions:
-                jobs.append((file_name("onnx", "int8"), "onnx", "int8", lambda p, m: write_int8(onnx_fp32, p, crops, m)))
+                recipe = int8_recipe_for(cpu_info())
+                jobs.append((file_name("onnx", "int8"), "onnx", "int8", lambda p, m: write_int8(onnx_fp32, p, crops, m, recipe)))
             if config.any_size and config.exporter == "dynamo":
                 any_size = AnySizeClassifier(model, spec, softmax=config.softmax).eval()
                 jobs.append((ANY_SIZE_FILE, "onnx", "fp32", lambda p, m: write_any_size(any_size, p, config, m)))
@@ -391,11 +405,15 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
             if name == ANY_SIZE_FILE:
                 check_any_size(path, any_size)
                 contract["input"] = ANY_SIZE
+            if precision == "int8":  # which setting, and for which instruction set it was chosen
+                cpu = cpu_info()
+                contract["quantization"] = asdict(int8_recipe_for(cpu))
+                contract["quantized_for"] = {"cpu": cpu.model, "vnni": cpu.vnni, "avx512": cpu.avx512, "amx": cpu.amx}
             files[name] = {
                 "format": fmt, "precision": precision, "sha256": sha256_file(path), "bytes": path.stat().st_size,
                 **contract, "opset": config.opset if fmt == "onnx" else None,
                 "exporter": (config.exporter if precision == "fp32" else f"{config.exporter} + onnxruntime "
-                             + ("float16" if precision == "fp16" else "quantize_static QDQ per-channel"))
+                             + ("float16" if precision == "fp16" else f"quantize_static ({int8_recipe_for(cpu_info()).label})"))
                 if fmt == "onnx" else ("torch.jit.trace" if fmt == "torchscript" else "torch.export"),
                 "seconds": round(seconds, 3),
             }

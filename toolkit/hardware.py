@@ -31,6 +31,11 @@ class CpuInfo:
         return {"amx_tile", "amx_bf16"} <= self.flags
 
     @property
+    def vnni(self) -> bool:
+        """int8 dot products in one instruction (AVX512-VNNI, AVX-VNNI or AMX): no u8 x s8 saturation."""
+        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & self.flags)
+
+    @property
     def fast_bf16(self) -> bool:
         """bf16 matrix units worth using for autocast (AMX or AVX512-BF16)."""
         return self.amx or self.avx512_bf16
@@ -43,6 +48,7 @@ class CpuInfo:
             "avx2": "avx2" in self.flags,
             "avx512": self.avx512,
             "avx512_vnni": "avx512_vnni" in self.flags,
+            "avx_vnni": "avx_vnni" in self.flags,
             "avx512_bf16": self.avx512_bf16,
             "amx": self.amx,
         }

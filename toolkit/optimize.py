@@ -34,6 +34,7 @@ from toolkit.verify import Gates, compare, load_inputs, reference_logits, run_ba
 
 DEFAULT_RECIPES = (
     QuantRecipe(),
+    QuantRecipe(reduce_range=True),
     QuantRecipe(activations="s8"),
     QuantRecipe(per_channel=False),
     QuantRecipe(calibration="entropy"),
