@@ -69,11 +69,16 @@ class Server:
         except OSError:
             return False
 
-    def mean_batch(self) -> float:
+    def metric_mean(self, name: str, labels: str = "") -> float:
+        """sum / count of a histogram on /metrics; `labels` as Prometheus writes them, e.g. endpoint="infer"."""
         text = urllib.request.urlopen(f"http://{self.url}/metrics", timeout=5).read().decode()
-        total = float(re.search(r"^rtk_batch_size_sum ([\d.e+]+)$", text, re.M).group(1))
-        count = float(re.search(r"^rtk_batch_size_count ([\d.e+]+)$", text, re.M).group(1))
+        where = re.escape(f"{{{labels}}}") if labels else ""
+        total = float(re.search(rf"^{name}_sum{where} ([\d.e+-]+)$", text, re.M).group(1))
+        count = float(re.search(rf"^{name}_count{where} ([\d.e+-]+)$", text, re.M).group(1))
         return total / count if count else 0.0
+
+    def mean_batch(self) -> float:
+        return self.metric_mean("rtk_batch_size")
 
     def stop(self) -> int:
         self.proc.terminate()
@@ -191,6 +196,10 @@ def main() -> None:
     report["ready_seconds"] = off.ready_seconds
     single = closed_loop(off.url, 1, min(args.seconds, 10), image)
     report["round_trip_p50_ms"] = single["p50_ms"]
+    # inside the server: time from request to response minus the model call (HTTP parsing, JSON, the queue,
+    # the hop to the inference thread and back), from the server's own metrics
+    report["server_overhead_ms"] = 1e3 * (off.metric_mean("rtk_request_seconds", 'endpoint="infer"')
+                                          - off.metric_mean("rtk_inference_seconds"))
     report["batching_off"] = closed_loop(off.url, args.clients, args.seconds, image)
     report["batching_off"]["mean_batch"] = off.mean_batch()
     report["batching_off"]["exit_code"] = off.stop()
@@ -217,7 +226,9 @@ def main() -> None:
           render(["server", "requests", "errors", "img/s", "p50 ms", "p90 ms", "p99 ms", "mean batch"], rows, "markdown"), "",
           f"- batching on / off: **{on_['img_per_s'] / off_['img_per_s']:.2f}x** img/s",
           f"- round trip p50 at batch 1 (one client): {report['round_trip_p50_ms']:.2f} ms vs in-process "
-          f"`Classifier.logits` p50 {in_process_p50:.2f} ms: overhead **{report['round_trip_p50_ms'] - in_process_p50:.2f} ms**",
+          f"`Classifier.logits` p50 {in_process_p50:.2f} ms: overhead **{report['round_trip_p50_ms'] - in_process_p50:.2f} ms** "
+          f"(client and server together; the server's own part, request time minus model time from its metrics: "
+          f"{report['server_overhead_ms']:.2f} ms)",
           f"- overload, open loop at {rate:.1f} req/s (2x the batching-on throughput, up to 256 in flight, server queue 16) "
           f"for {o['seconds']:g} s: sent {o['sent']}, "
           f"answered {o['answered']} ({o['statuses']}), lost or hung {o['lost_or_hung']}; p50 of the 200s {o['p50_ms_200']:.1f} ms",
