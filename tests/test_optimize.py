@@ -42,7 +42,7 @@ def test_builds_missing_candidates_and_labels_the_hardware_specific_graph(optimi
     for name in ("model.int8.onnx", "model.int8-minmax-s8.onnx", ORT_OPT_FILE):
         assert (bundle / name).is_file() and name in manifest["files"]
     assert manifest["files"]["model.int8-minmax-s8.onnx"]["quantization"] == {
-        "calibration": "minmax", "activations": "s8", "per_channel": True}
+        "calibration": "minmax", "activations": "s8", "per_channel": True, "reduce_range": False}
     label = manifest["files"][ORT_OPT_FILE]["hardware_specific"]
     assert label["cpu"] and "avx512" in label["isa"] and label["onnxruntime"]
     with np.load(bundle / "selftest.npz") as data:
