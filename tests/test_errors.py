@@ -204,3 +204,29 @@ def test_server_request_parsing_never_crashes(request, binary, header):
     n = parsed.images.shape[0]
     assert parsed.images.shape == (n, 4, 4, 3) and parsed.images.dtype == np.uint8 and 1 <= n <= 8
     assert set(parsed.outputs) <= {"logits"}
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "too small", "holdout without labels"])
+def test_bad_calibration_and_holdout_folders(case, tiny_bundle, tiny_data, tmp_path):
+    import shutil
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    calibration, holdout = tmp_path / "calib", tiny_data / "val"
+    if case == "empty":
+        calibration.mkdir()
+    elif case == "too small":
+        calibration.mkdir()
+        for p in sorted((tiny_data / "train" / "circle").iterdir())[:3]:
+            shutil.copy(p, calibration / p.name)
+    elif case == "holdout without labels":
+        calibration, holdout = tiny_data / "train", tmp_path / "flat"
+        holdout.mkdir()
+        for p in sorted((tiny_data / "val" / "circle").iterdir())[:4]:
+            shutil.copy(p, holdout / p.name)
+    before = tree_hash(bundle)
+    result = rtk("optimize", bundle, "--calibration-data", calibration, "--holdout", holdout)
+    assert result.exit_code == 2
+    message = one_error_line(result)
+    assert {"missing": "calibration folder not found", "empty": "holds no images", "too small": "holds 3 images",
+            "holdout without labels": "must be an ImageFolder"}[case] in message
+    assert tree_hash(bundle) == before

@@ -175,3 +175,15 @@ def test_a_cpu_recommendation_is_never_served_on_cuda(tiny_bundle, tmp_path):
     assert path.name == "model.int8.onnx" and settings.graph_optimization == "extended" and settings.threads == 1
     path, settings = serving_choice(bundle, "cuda")
     assert path.name == "model.onnx" and settings == SessionSettings(device="cuda")  # verify's CUDA defaults: TF32 off
+
+
+def test_the_recommendation_states_its_speedups_and_its_cpu(optimized):
+    _, report = optimized
+    rec = report["recommended"]
+    assert rec["cpu"]["model"] and "avx512" in rec["cpu"]
+    assert rec["speedup_vs_onnxruntime_default"] > 0 and report["rounds"] == 10
+    default = next(r for r in report["candidates"] if r["runtime"] == "ort-cpu" and r["artifact"] == "model.onnx"
+                   and r.get("settings", "").endswith("graph all"))
+    assert default["b1"]["speedup_vs_onnxruntime_default"] == pytest.approx(1.0)
+    assert len(default["b1"]["round_p50_ms"]) == 10  # timed in interleaved rounds
+    assert "onnxruntime's default" in format_table(report)

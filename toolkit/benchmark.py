@@ -206,7 +206,8 @@ def sweep(runner, batches: dict[int, np.ndarray], config: BenchConfig, echo) -> 
 def interleaved(later: list[tuple[Any, dict[int, np.ndarray], dict[str, Any]]], config: BenchConfig,
                 echo) -> list[dict[str, Any]]:
     """Time every (runner, batch) in `config.rounds` rounds, each round in a new shuffled order; each record
-    keeps all its samples' statistics and its median per round (for the spread of ratios)."""
+    keeps all its samples' statistics and its median per round (for the spread of ratios). Records come back
+    in the order of `later`, then of the batch sizes."""
     rng = np.random.default_rng(config.seed)
     calls = max(3, -(-config.iterations // config.rounds))
     warmup = max(1, -(-config.warmup // config.rounds))  # after switching runtimes, caches are cold again
@@ -235,8 +236,13 @@ def interleaved(later: list[tuple[Any, dict[int, np.ndarray], dict[str, Any]]], 
                   "round_p50_ms": medians[(i, b)]}
         record["unstable"] = record["cv"] > UNSTABLE_CV
         records.append(record)
-        echo(_row(record))
+        if echo is not None:
+            echo(_row(record))
     return records
+
+
+STAT_KEYS = ("iterations", "mean_ms", "std_ms", "min_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms",
+             "images_per_second", "cv", "rounds", "round_p50_ms")
 
 
 def add_speedups(results: list[dict[str, Any]]) -> None:

@@ -91,11 +91,17 @@ def metadata(source: ModelSource, precision: str, softmax: bool) -> dict[str, st
     }
 
 
+MIN_CALIBRATION_IMAGES = 8
+
+
 def calibration_crops(folder: str, size: int, spec, seed: int) -> np.ndarray:
     """A seeded sample of `size` images from a folder or ImageFolder, decoded to uint8 crops."""
     paths = list_images(folder)
     if not paths:
         raise RtkError(f"calibration folder {folder} holds no images")
+    if len(paths) < MIN_CALIBRATION_IMAGES:
+        raise RtkError(f"calibration folder {folder} holds {len(paths)} images; int8 ranges from fewer than "
+                       f"{MIN_CALIBRATION_IMAGES} are guesses: give at least {MIN_CALIBRATION_IMAGES} (a few hundred is usual)")
     random.Random(seed).shuffle(paths)
     crops, bad = [], []
     for p in paths:

@@ -57,6 +57,7 @@ class OptimizeConfig:
     iterations: int = 30
     min_seconds: float = 2.0
     seed: int = 0
+    rounds: int = 10  # interleaved timing rounds (see rtk benchmark)
 
     def __post_init__(self) -> None:
         if self.max_accuracy_drop < 0:
@@ -161,7 +162,7 @@ def settings(runner) -> str:
 def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     import torch
 
-    from toolkit.benchmark import latency_stats, time_runner
+    from toolkit.benchmark import STAT_KEYS, BenchConfig, interleaved
     from toolkit.checkpoint import source_from_manifest
     from toolkit.runners import Failed, Skipped, each_loaded
 
@@ -182,7 +183,7 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
     reference = reference_logits(model, spec, holdout.crops)
     gates = Gates()
     rows: list[dict[str, Any]] = []
-    eager_p50: dict[int, float] = {}
+    passing: list[tuple[Any, dict[int, np.ndarray], dict[str, Any]]] = []
     rng = np.random.default_rng(config.seed)
     batches = {b: rng.integers(0, 256, (b, spec.crop_size, spec.crop_size, 3), dtype=np.uint8) for b in config.batch_sizes}
     selftest_outputs: dict[str, np.ndarray] = {}  # what a service's self-test compares against, per OpenVINO candidate
@@ -210,29 +211,45 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
             rows.append({**row, "status": "failed verification"})
             echo(f"{entry.runtime:<14} {entry.artifact:<36} {row['settings']:<30} FAILED ({', '.join(failed)})")
             continue
-        for b in config.batch_sizes:
-            stats = latency_stats(time_runner(entry.run_prepared, entry.prepare(batches[b]), config.warmup,
-                                              config.iterations, config.min_seconds), b)
-            row[f"b{b}"] = stats
-            if entry.runtime == "eager":
-                eager_p50[b] = stats["p50_ms"]
-        rows.append({**row, "status": "passed"})
+        row = {**row, "status": "passed"}
+        rows.append(row)
+        passing.append((entry, batches, row))  # timed below, all together, in interleaved rounds
         if entry.runtime.startswith("openvino"):
             selftest_outputs[f"{entry.runtime}:{entry.artifact}"] = entry(_selftest_images(bundle))
-        echo(f"{entry.runtime:<14} {entry.artifact:<36} {row['settings']:<30} "
-             + "  ".join(f"b{b} p50 {row[f'b{b}']['p50_ms']:.2f} ms" for b in config.batch_sizes)
-             + f"  accuracy {100 * m['accuracy']:.2f}% ({row['accuracy_change_points']:+.2f} pt)")
-    for row in rows:
+        echo(f"{entry.runtime:<14} {entry.artifact:<36} {row['settings']:<30} verified: "
+             f"accuracy {100 * m['accuracy']:.2f}% ({row['accuracy_change_points']:+.2f} pt)")
+    # Time every verified candidate in shuffled rounds, so a slowdown of the host hits all alike.
+    timing = BenchConfig(batch_sizes=config.batch_sizes, warmup=config.warmup, iterations=config.iterations,
+                         min_seconds=config.min_seconds, rounds=config.rounds, seed=config.seed)
+    records = iter(interleaved(passing, timing, None))
+    for _, _, row in passing:
         for b in config.batch_sizes:
-            if f"b{b}" in row and b in eager_p50:
-                row[f"b{b}"]["speedup_vs_eager"] = eager_p50[b] / row[f"b{b}"]["p50_ms"]
+            record = next(records)
+            row[f"b{b}"] = {k: record[k] for k in STAT_KEYS if k in record}
+    for _, _, row in passing:
+        echo(f"{row['runtime']:<14} {row['artifact']:<36} {row['settings']:<30} "
+             + "  ".join(f"b{b} p50 {row[f'b{b}']['p50_ms']:.2f} ms" for b in config.batch_sizes))
+    baselines = {"eager": ("eager", "checkpoint", None), "onnxruntime_default": ("ort-cpu", "model.onnx", "graph all"),
+                 "openvino_default": ("openvino", "model.onnx", "precision f32")}
+    for b in config.batch_sizes:
+        for name, (runtime_name, artifact, setting) in baselines.items():
+            base = next((r for r in rows if r["status"] == "passed" and r["runtime"] == runtime_name
+                         and r["artifact"] == artifact and (setting is None or setting in r.get("settings", ""))), None)
+            if base is None:
+                continue
+            for row in rows:
+                if f"b{b}" in row:
+                    row[f"b{b}"][f"speedup_vs_{name}"] = base[f"b{b}"]["p50_ms"] / row[f"b{b}"]["p50_ms"]
     first = config.batch_sizes[0]
     ranked = sorted((r for r in rows if r["status"] == "passed"), key=lambda r: r[f"b{first}"]["p50_ms"])
     if not ranked:
         raise RtkError("no candidate passed verification: nothing to recommend")
     best = ranked[0]
     recommended = {"runtime": best["runtime"], "artifact": best["artifact"], "precision": best["precision"],
-                   "device": "cpu", "threads": threads, "settings": best["settings"], "session": best.get("session"), "batch_size": first,
+                   "device": "cpu", "threads": threads, "settings": best["settings"], "session": best.get("session"),
+                   "cpu": cpu_info().to_dict(),  # what it was chosen for: another CPU should run optimize again
+                   "speedup_vs_onnxruntime_default": best[f"b{first}"].get("speedup_vs_onnxruntime_default"),
+                   "speedup_vs_openvino_default": best[f"b{first}"].get("speedup_vs_openvino_default"), "batch_size": first,
                    "p50_ms": best[f"b{first}"]["p50_ms"], "speedup_vs_eager": best[f"b{first}"].get("speedup_vs_eager"),
                    "accuracy_change_points": best["accuracy_change_points"]}
     from toolkit.env import library_versions
@@ -242,6 +259,7 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
               "holdout": str(holdout_dir), "holdout_images": len(holdout.crops), "calibration": str(calib_dir),
               "calibration_images": len(crops), "max_accuracy_drop_points": config.max_accuracy_drop,
               "batch_sizes": list(config.batch_sizes), "threads": threads, "cpu": cpu_info().to_dict(),
+              "rounds": config.rounds,
               "ranking": [f"{r['runtime']}:{r['artifact']}:{r['settings']}" for r in ranked],
               "candidates": rows, "recommended": recommended}
     key = f"{best['runtime']}:{best['artifact']}"
@@ -293,8 +311,12 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
                                                            if r["status"] == "failed verification" else f"skipped: {r['reason']}")]
         body.append(cells)
     rec = report["recommended"]
+    against = [f"{rec[key]:.2f}x {name}" for key, name in (
+        ("speedup_vs_eager", "eager fp32"), ("speedup_vs_onnxruntime_default", "onnxruntime's default (model.onnx, graph all)"),
+        ("speedup_vs_openvino_default", "OpenVINO's default (model.onnx, f32)")) if rec.get(key)]
     footer = (f"recommended: {rec['runtime']} on {rec['artifact']} ({rec['settings']}): p50 {rec['p50_ms']:.2f} ms at batch "
-              f"{rec['batch_size']}, {rec['speedup_vs_eager'] or 0:.2f}x eager fp32, accuracy change {rec['accuracy_change_points']:+.2f} pt")
+              f"{rec['batch_size']}, {', '.join(against) or 'no baseline measured'}, accuracy change "
+              f"{rec['accuracy_change_points']:+.2f} pt; timed in {report.get('rounds', 1)} interleaved rounds")
     if markdown:
         v = report.get("versions", {})
         title = [f"# rtk optimize: {report.get('arch', '?')} at {report.get('image_size', '?')} px", "",
