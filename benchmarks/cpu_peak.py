@@ -1,0 +1,120 @@
+"""This CPU's matrix-multiply peak, the resnet50 floor it implies, and OpenVINO's benchmark_app next to rtk.
+
+    python benchmarks/cpu_peak.py BUNDLE [--threads N] [--tag NAME]
+
+- fp32 and int8 (u8 x s8 -> s32) matrix products of 2048 x 2048 through onnxruntime (MatMul, MatMulInteger),
+  best of several calls: GFLOP/s and GOP/s;
+- the floor for resnet50 at 224 px (4.1 GMAC = 8.2 GOP per image) at those peaks;
+- `benchmark_app -hint latency` on BUNDLE/model.onnx at batch 1 against rtk's `openvino` runtime on the same
+  file and shape, in the same run.
+Writes benchmarks/results/cpu_peak-<tag>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toolkit.benchmark import BenchConfig, run_benchmark  # noqa: E402
+from toolkit.hardware import cpu_info, usable_cpus  # noqa: E402
+from toolkit.tables import render  # noqa: E402
+
+RESNET50_GOP = 2 * 4.1  # multiply-adds per 224 px image, as operations
+
+
+def matmul_peak(n: int, threads: int, int8: bool, calls: int = 20) -> float:
+    """Best throughput of an n x n x n product in onnxruntime, in G(FL)OP/s."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if int8:
+        node = helper.make_node("MatMulInteger", ["a", "b"], ["c"])
+        inputs = [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
+                  helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])]
+        out = helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])
+        feed = {"a": np.random.randint(0, 255, (n, n), dtype=np.uint8), "b": np.random.randint(-127, 127, (n, n), dtype=np.int8)}
+    else:
+        node = helper.make_node("MatMul", ["a", "b"], ["c"])
+        inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"]
+        out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
+        feed = {x: np.random.rand(n, n).astype(np.float32) for x in "ab"}
+    model = helper.make_model(helper.make_graph([node], "mm", inputs, [out]), opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString() if isinstance(model, onnx.ModelProto) else model, so,
+                                   providers=["CPUExecutionProvider"])
+    session.run(None, feed)
+    best = float("inf")
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def benchmark_app(model: Path, precision: str, seconds: int) -> tuple[float | None, str]:
+    exe = shutil.which("benchmark_app") or str(Path(sys.executable).parent / "benchmark_app")
+    if not Path(exe).exists():
+        return None, "benchmark_app not found (pip install openvino)"
+    # -hint latency takes every core of this process's affinity (benchmark_app refuses -nthreads with a hint);
+    # rtk is run with the same count
+    # -infer_precision: OpenVINO's CPU default is bf16 where the CPU has it; each of rtk's runtimes names its own
+    cmd = [exe, "-m", str(model), "-d", "CPU", "-hint", "latency", "-shape", "[1,224,224,3]", "-t", str(seconds),
+           "-infer_precision", precision]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+    found = re.search(r"Median:\s+([\d.]+) ms", proc.stdout)
+    return (float(found.group(1)) if found else None), " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle")
+    parser.add_argument("--threads", type=int, default=usable_cpus())
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--tag", default=None)
+    args = parser.parse_args()
+    cpu = cpu_info()
+    tag = args.tag or re.sub(r"[^a-z0-9]+", "-", cpu.model.lower()).strip("-")[:40] + f"-{cpu.usable_cpus}cpu"
+    fp32 = matmul_peak(2048, args.threads, int8=False)
+    int8 = matmul_peak(2048, args.threads, int8=True)
+    model = Path(args.bundle) / "model.onnx"
+    pairs = [("f32", "openvino")] + ([("bf16", "openvino-bf16")] if cpu.fast_bf16 else [])
+    config = BenchConfig(runtimes=tuple(r for _, r in pairs), batch_sizes=(1,), warmup=10, iterations=100,
+                         min_seconds=args.seconds, threads=args.threads)
+    report = run_benchmark(args.bundle, config, echo=lambda s: None)
+    ours = {r["runtime"]: r["p50_ms"] for r in report["results"] if r["artifact"] == "model.onnx" and "batch_size" in r}
+    rows, verdicts = [], []
+    for precision, runtime in pairs:
+        app_ms, app_cmd = benchmark_app(model, precision, args.seconds)
+        rows.append([f"`{app_cmd}`", f"{app_ms:.2f}" if app_ms else "not measured"])
+        rows.append([f"`rtk benchmark --runtime {runtime}` (interleaved rounds, {args.threads} threads)", f"{ours[runtime]:.2f}"])
+        if app_ms:
+            ratio = ours[runtime] / app_ms
+            verdicts.append(f"- {precision}: rtk / benchmark_app = {ratio:.3f} ({'within' if abs(ratio - 1) <= 0.10 else 'NOT within'} 10%)")
+    lines = [f"# CPU peak and the OpenVINO reference: {cpu.model}, {args.threads} threads", "",
+             f"Flags: AVX2 {('avx2' in cpu.flags)}, AVX-512 {cpu.avx512}, VNNI {cpu.vnni}, AVX512-BF16 {cpu.avx512_bf16}, "
+             f"AMX {cpu.amx}. `python benchmarks/cpu_peak.py {args.bundle}`.", "",
+             render(["what", "measured", "resnet50 floor (8.2 GOP per image)"], [
+                 ["fp32 matmul 2048^3 (onnxruntime MatMul)", f"{fp32:.0f} GFLOP/s", f"{RESNET50_GOP / fp32 * 1e3:.1f} ms"],
+                 ["int8 matmul 2048^3 (onnxruntime MatMulInteger u8 x s8)", f"{int8:.0f} GOP/s", f"{RESNET50_GOP / int8 * 1e3:.1f} ms"],
+             ], "markdown"), "",
+             "## OpenVINO on the same file and shape (resnet50, batch 1), same run", "",
+             render(["tool", "p50 / median ms"], rows, "markdown"), ""] + verdicts
+    out = ROOT / "benchmarks" / "results" / f"cpu_peak-{tag}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
