@@ -15,7 +15,6 @@ Writes benchmarks/results/any_size-<tag>.md.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ from toolkit.runtime import Classifier  # noqa: E402
 from toolkit.tables import render  # noqa: E402
 from toolkit.verify import verify_bundle  # noqa: E402
 
+# downscale, upscale, portrait, landscape, panorama, a few pixels wide, 3000 px, very tall: made with Pillow's
+# LANCZOS and saved as PNG, so every variant is exactly what the reference reads (tests/test_any_size.py uses them)
 VARIANTS = {
     "down-160x107": lambda im: im.resize((160, 107), Image.LANCZOS),
     "up-1280x854": lambda im: im.resize((1280, 854), Image.LANCZOS),
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--tag", default=None)
     args = parser.parse_args()
     cpu = cpu_info()
-    tag = args.tag or re.sub(r"[^a-z0-9]+", "-", cpu.model.lower()).strip("-")[:40] + f"-{cpu.usable_cpus}cpu"
+    tag = args.tag or cpu.tag
     bundle = Path(args.bundle)
     lines = [f"# model.any-size.onnx: resize and center crop inside the graph ({bundle.name})", "",
              f"CPU: {cpu.model} ({cpu.usable_cpus} usable CPUs). `python benchmarks/any_size.py {args.bundle}"

@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--tag", default=None)
     args = parser.parse_args()
     cpu = cpu_info()
-    tag = args.tag or re.sub(r"[^a-z0-9]+", "-", cpu.model.lower()).strip("-")[:40] + f"-{cpu.usable_cpus}cpu"
+    tag = args.tag or cpu.tag
     fp32 = matmul_peak(2048, args.threads, int8=False)
     int8 = matmul_peak(2048, args.threads, int8=True)
     model = Path(args.bundle) / "model.onnx"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import re
 import sys
 import time
 from pathlib import Path
@@ -57,7 +56,7 @@ def main() -> None:
     parser.add_argument("--tag", default=None)
     args = parser.parse_args()
     cpu = cpu_info()
-    tag = args.tag or re.sub(r"[^a-z0-9]+", "-", cpu.model.lower()).strip("-")[:40] + f"-{cpu.usable_cpus}cpu"
+    tag = args.tag or cpu.tag
     rows = []
     for host in ("quiet", "noisy neighbour"):
         for interleave in (False, True):

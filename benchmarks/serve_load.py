@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--tag", default=None)
     args = parser.parse_args()
     cpu = cpu_info()
-    tag = args.tag or re.sub(r"[^a-z0-9]+", "-", cpu.model.lower()).strip("-")[:40] + f"-{cpu.usable_cpus}cpu"
+    tag = args.tag or cpu.tag
 
     clf = Classifier.load(args.bundle, threads=args.threads)
     s = clf.spec.crop_size

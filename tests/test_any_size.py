@@ -10,23 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Real photos of many sizes and shapes, made from scikit-learn's two 640x427 JPEGs (the benchmark uses the same)
+from benchmarks.any_size import VARIANTS  # noqa: E402
 from tests.conftest import copy_bundle, rtk
 from toolkit.bundle import ANY_SIZE_FILE
 from toolkit.runtime import Classifier
-
-# (name, how to make it from a 640x427 photo): downscale, upscale, portrait, landscape, panorama, a few pixels
-# wide, 3000 px. Made with Pillow's LANCZOS and saved as PNG, so every variant is exactly what the reference reads.
-VARIANTS = {
-    "down-160x107": lambda im: im.resize((160, 107), Image.LANCZOS),
-    "up-1280x854": lambda im: im.resize((1280, 854), Image.LANCZOS),
-    "portrait-200x427": lambda im: im.crop((220, 0, 420, 427)),
-    "landscape-640x300": lambda im: im.crop((0, 60, 640, 360)),
-    "panorama-640x80": lambda im: im.crop((0, 170, 640, 250)),
-    "thin-3x427": lambda im: im.crop((300, 0, 303, 427)),
-    "tiny-9x6": lambda im: im.resize((9, 6), Image.LANCZOS),
-    "large-3000x2001": lambda im: im.resize((3000, 2001), Image.LANCZOS),
-    "square-427x427": lambda im: im.crop((100, 0, 527, 427)),
-}
 
 
 @pytest.fixture(scope="module")

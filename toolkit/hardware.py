@@ -40,6 +40,13 @@ class CpuInfo:
         """bf16 matrix units worth using for autocast (AMX or AVX512-BF16)."""
         return self.amx or self.avx512_bf16
 
+    @property
+    def tag(self) -> str:
+        """A short file-name tag for recorded results: the model, lower-case, and the usable CPU count."""
+        import re
+
+        return re.sub(r"[^a-z0-9]+", "-", self.model.lower()).strip("-")[:40] + f"-{self.usable_cpus}cpu"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
