@@ -4,6 +4,8 @@
 #  - `cuda`-marked tests; one epoch of `rtk train` on CUDA in fp16 and bf16;
 #  - `rtk export` of resnet50 (224 px, seeded weights) with its automatic verify (default runtimes);
 #  - plain `rtk verify BUNDLE` (eager models on CPU and CUDA in one run); `rtk benchmark BUNDLE --device cuda`;
+#  - `rtk serve --provider cuda` answering a tritonclient request (when the serve stack is importable:
+#    carry the wheels of benchmarks/gpu_wheels.sh);
 #  - resnet50 p50 and img/s at batch 1, 8, 32, 128: eager fp32, eager fp16 channels_last, onnxruntime CUDA
 #    fp32/fp16, IO binding with and without CUDA graphs, TensorRT where the provider loads.
 # Logs and JSON go to $OUT when set (the device tool's folder), else benchmarks/results/.
@@ -55,6 +57,13 @@ step "rtk benchmark BUNDLE --device cuda (defaults)"
 timeout 200 "$PY" -m toolkit benchmark "$WORK/r50" --device cuda \
   --json "$RES/gpu_benchmark-default-resnet50-$GPU.json" || fail "benchmark --device cuda"
 echo "elapsed ${SECONDS}s"
+
+step "rtk serve --provider cuda, one tritonclient request"
+if "$PY" -c "import fastapi, uvicorn, prometheus_client, tritonclient.http" 2>/dev/null; then
+  timeout 150 "$PY" benchmarks/serve_check.py "$WORK/r50" --provider cuda --atol 1e-3 || fail "serve on CUDA"
+else
+  echo "not run: the serve stack is not importable here (carry the wheels of benchmarks/gpu_wheels.sh)"
+fi
 
 step "resnet50 table: batch 1 8 32 128"
 timeout 240 "$PY" -m toolkit benchmark "$WORK/r50" --runtime eager-cuda --runtime eager-fp16 --runtime ort-cuda \
