@@ -152,3 +152,13 @@ def test_without_the_training_stack_predict_works_and_train_says_what_to_install
     proc = subprocess.run(run, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "Error: rtk train needs torch, which is not installed here: pip install 'rtk[train,cpu]'"
+
+
+def test_versions_name_both_onnxruntime_packages_when_both_are_installed(monkeypatch):
+    """The GPU machine had onnxruntime 1.30.0 and onnxruntime-gpu 1.31.1: reports named only the first."""
+    installed = {"onnxruntime": "1.30.0", "onnxruntime-gpu": "1.31.1"}
+    monkeypatch.setattr(env, "version_of", lambda name: installed.get(name, None if name.startswith("onnxruntime") else "1.0"))
+    assert env.library_versions()["onnxruntime"] == "onnxruntime-gpu 1.31.1, onnxruntime 1.30.0"
+    installed = {"onnxruntime-gpu": "1.31.1"}
+    monkeypatch.setattr(env, "version_of", lambda name: installed.get(name, None if name.startswith("onnxruntime") else "1.0"))
+    assert env.library_versions()["onnxruntime"] == "onnxruntime-gpu 1.31.1"

@@ -30,7 +30,11 @@ def version_of(dist: str) -> str | None:
 def library_versions() -> dict[str, str | None]:
     versions = {"python": platform.python_version()}
     for name in LIBRARIES:
-        versions[name] = version_of(name) or (version_of("onnxruntime-gpu") if name == "onnxruntime" else None)
+        versions[name] = version_of(name)
+    packages = ort_packages()
+    if len(packages) > 1 or packages == ["onnxruntime-gpu"]:
+        # several onnxruntime packages share one import name: say which ones, GPU build first
+        versions["onnxruntime"] = ", ".join(f"{n} {version_of(n)}" for n in sorted(packages, key=lambda n: n != "onnxruntime-gpu"))
     return versions
 
 
