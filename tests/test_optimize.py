@@ -36,6 +36,21 @@ def optimized(tiny_bundle, tiny_data, tmp_path_factory):
     return bundle, report
 
 
+@pytest.mark.skipif(not HAS_OPENVINO, reason="the openvino extra is not installed")
+def test_nncf_int8_ir_is_built_verified_and_servable(optimized):
+    from toolkit.openvino_ir import IR_INT8, nncf_problem
+
+    if nncf_problem():
+        pytest.skip(nncf_problem())
+    bundle, report = optimized
+    entry = json.loads((bundle / "manifest.json").read_text())["files"][IR_INT8]
+    assert entry["format"] == "openvino" and entry["precision"] == "int8" and entry["weights"]["file"] == "model.openvino-int8.bin"
+    [row] = [r for r in report["candidates"] if r["artifact"] == IR_INT8]
+    assert row["runtime"] == "openvino" and row["status"] in ("passed", "failed verification")
+    with np.load(bundle / "selftest.npz") as data:
+        assert f"openvino:{IR_INT8}" in data.files
+
+
 def test_builds_missing_candidates_and_labels_the_hardware_specific_graph(optimized):
     bundle, _ = optimized
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -154,8 +169,8 @@ def test_classifier_serves_the_recommendation_with_the_session_settings_it_was_v
     rec = report["recommended"]
     verified = next(r for r in report["candidates"] if r["status"] == "passed" and r["runtime"] == rec["runtime"]
                     and r["artifact"] == rec["artifact"] and r["settings"] == rec["settings"])
-    if not rec["artifact"].endswith(".onnx"):
-        pytest.skip(f"the recommendation here is {rec['runtime']}, which needs torch to serve")
+    if not rec["artifact"].endswith((".onnx", ".xml")):
+        pytest.skip(f"the recommendation here is {rec['runtime']} on {rec['artifact']}, which needs torch to serve")
     clf = Classifier.load(bundle)
     assert clf.path.name == rec["artifact"]
     assert clf.settings == SessionSettings.from_dict(verified["session"]) == SessionSettings.from_dict(rec["session"])

@@ -219,3 +219,19 @@ def test_a_manifest_with_a_missing_key_is_one_line(tiny_bundle, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     result = rtk("verify", bundle, "--random", "4")
     assert result.exit_code == 2 and error_line(result).endswith("manifest.json: missing key 'classes'")
+
+
+def test_an_openvino_ir_is_verified_and_its_weights_file_checked(tiny_run, tmp_path):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    out = tmp_path / "b"
+    result = rtk("export", tiny_run / "checkpoint.pt", "--output", out, "--format", "onnx", "--format", "openvino",
+                 "--no-any-size", "--no-verify")
+    assert result.exit_code == 0, result.output
+    entry = json.loads((out / "manifest.json").read_text())["files"]["model.openvino.xml"]
+    assert entry["format"] == "openvino" and entry["weights"]["file"] == "model.openvino.bin"
+    good = rtk("verify", out, "--random", "4", "--runtime", "openvino")
+    assert good.exit_code == 0 and re.search(r"^model.openvino.xml +openvino +fp32 .* pass$", good.output, re.M)
+    weights = out / "model.openvino.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    bad = rtk("verify", out, "--random", "4", "--runtime", "openvino")
+    assert bad.exit_code == 1 and "model.openvino.bin (the weights of model.openvino.xml) differs" in bad.output

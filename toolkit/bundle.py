@@ -21,10 +21,12 @@ FILES = {
     "model.ts": ("torchscript", "fp32"),
     "model.pt2": ("pt2", "fp32"),
     "model.any-size.onnx": ("onnx", "fp32"),  # resize + center crop inside the graph: any image size in
+    "model.openvino.xml": ("openvino", "fp32"),  # OpenVINO IR (+ .bin), converted from model.onnx
+    "model.openvino-int8.xml": ("openvino", "int8"),  # NNCF int8 IR
 }
 ANY_SIZE = "any-size"  # a manifest entry's "input": decoded images of any size, not crops
 ANY_SIZE_FILE = "model.any-size.onnx"
-FORMATS = ("onnx", "torchscript", "pt2")
+FORMATS = ("onnx", "torchscript", "pt2", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -83,6 +85,13 @@ class Bundle:
                 problem = f"{name} has {path.stat().st_size} bytes, the manifest says {entry.bytes} (truncated or replaced)"
             elif sha256_file(path) != entry.sha256:
                 problem = f"{name}'s sha256 differs from the manifest's (the file was altered)"
+            weights = entry.get("weights")  # an OpenVINO IR's second file
+            if problem is None and isinstance(weights, dict):
+                wpath = self.root / str(weights.get("file"))
+                if not wpath.is_file():
+                    problem = f"{wpath.name} (the weights of {name}) is missing from {self.root}"
+                elif wpath.stat().st_size != weights.get("bytes") or sha256_file(wpath) != weights.get("sha256"):
+                    problem = f"{wpath.name} (the weights of {name}) differs from the manifest (truncated or altered)"
             self._integrity[name] = problem
         return self._integrity[name]
 

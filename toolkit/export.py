@@ -63,6 +63,8 @@ class ExportConfig:
                 raise RtkError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
         if set(self.precisions) - {"fp32"} and "onnx" not in self.formats:
             raise RtkError("fp16 and int8 are ONNX files: add --format onnx")
+        if "openvino" in self.formats and "onnx" not in self.formats:
+            raise RtkError("--format openvino converts the ONNX file: add --format onnx")
         if self.exporter not in EXPORTERS:
             raise RtkError(f"unknown exporter {self.exporter!r}; choose from {', '.join(EXPORTERS)}")
         top = onnx.defs.onnx_opset_version()
@@ -285,12 +287,17 @@ def check_onnx(path: Path) -> dict[str, Any]:
 
 
 def reload_runner(path: Path, fmt: str):
-    """A function running the written file as a fresh reader would: onnxruntime, torch.jit or torch.export."""
+    """A function running the written file as a fresh reader would: onnxruntime, OpenVINO, torch.jit or torch.export."""
     if fmt == "onnx":
         from toolkit.sessions import SessionSettings, open_onnxruntime
 
         session = open_onnxruntime(path, SessionSettings()).session
         return lambda x: session.run(None, {INPUT_NAME: x.numpy()})
+    if fmt == "openvino":
+        from toolkit.sessions import SessionSettings, open_openvino
+
+        compiled = open_openvino(path, SessionSettings(engine="openvino")).compiled
+        return lambda x: [np.asarray(v) for v in compiled(x.numpy()).values()]
     from toolkit.runners.torch_runner import load_pt2, load_torchscript
 
     module = load_torchscript(path) if fmt == "torchscript" else load_pt2(path)
@@ -393,6 +400,16 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
                 jobs.append((ANY_SIZE_FILE, "onnx", "fp32", lambda p, m: write_any_size(any_size, p, config, m)))
             elif config.any_size:
                 echo(f"{ANY_SIZE_FILE} not written: the legacy exporter bakes the example's image size into the resize")
+        if "openvino" in config.formats:
+            from toolkit import openvino_ir
+
+            jobs.append((openvino_ir.IR_FP32, "openvino", "fp32", lambda p, m: openvino_ir.write_fp32(onnx_fp32, p, m)))
+            if "int8" in config.precisions:
+                if openvino_ir.nncf_problem():
+                    echo(f"{openvino_ir.IR_INT8} not written: {openvino_ir.nncf_problem()}")
+                else:
+                    jobs.append((openvino_ir.IR_INT8, "openvino", "int8",
+                                 lambda p, m: openvino_ir.write_int8(onnx_fp32, p, crops, m)))
         if "torchscript" in config.formats:
             jobs.append((file_name("torchscript"), "torchscript", "fp32", lambda p, m: write_torchscript(module, example, p, m)))
         if "pt2" in config.formats:
@@ -411,7 +428,11 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
             if name == ANY_SIZE_FILE:
                 check_any_size(path, any_size)
                 contract["input"] = ANY_SIZE
-            if precision == "int8":  # which setting, and for which instruction set it was chosen
+            if fmt == "openvino":
+                from toolkit.openvino_ir import entry_extra
+
+                contract.update(entry_extra(path))
+            if precision == "int8" and fmt == "onnx":  # which setting, and for which instruction set it was chosen
                 cpu = cpu_info()
                 contract["quantization"] = asdict(int8_recipe_for(cpu))
                 contract["quantized_for"] = {"cpu": cpu.model, "vnni": cpu.vnni, "avx512": cpu.avx512, "amx": cpu.amx}
@@ -420,7 +441,8 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
                 **contract, "opset": config.opset if fmt == "onnx" else None,
                 "exporter": (config.exporter if precision == "fp32" else f"{config.exporter} + onnxruntime "
                              + ("float16" if precision == "fp16" else f"quantize_static ({int8_recipe_for(cpu_info()).label})"))
-                if fmt == "onnx" else ("torch.jit.trace" if fmt == "torchscript" else "torch.export"),
+                if fmt == "onnx" else {"torchscript": "torch.jit.trace", "pt2": "torch.export",
+                                       "openvino": "OpenVINO read_model" + (" + NNCF quantize" if precision == "int8" else "")}[fmt],
                 "seconds": round(seconds, 3),
             }
             echo(f"wrote {name} ({files[name]['bytes'] / 1e6:.1f} MB, {seconds:.1f}s); batches {CHECK_BATCHES} ran")
@@ -453,5 +475,7 @@ def _selftest(module: ImageClassifier, folder: Path, files: dict[str, Any], spec
     for name, entry in files.items():
         if entry["format"] == "onnx":
             arrays[name] = reload_runner(folder / name, "onnx")(torch.from_numpy(images))[0]
+        elif entry["format"] == "openvino":  # the key OpenVINO's serving backend looks up (f32 inference)
+            arrays[f"openvino:{name}"] = reload_runner(folder / name, "openvino")(torch.from_numpy(images))[0]
     np.savez_compressed(folder / SELFTEST, **arrays)
     return {"file": SELFTEST, "images": int(len(images)), "from": "calibration images" if crops is not None else "random"}

@@ -28,7 +28,7 @@ from toolkit.export import QuantRecipe, calibration_crops, metadata, write_int8
 from toolkit.fileio import atomic_path, sha256_file
 from toolkit.manifest import FileEntry
 from toolkit.runners.torch_runner import keeps_torch_threads
-from toolkit.sessions import SessionSettings, open_onnxruntime
+from toolkit.sessions import SessionSettings, open_onnxruntime, open_openvino
 from toolkit.tables import render
 from toolkit.verify import Gates, compare, load_inputs, reference_logits, run_batched
 
@@ -78,9 +78,38 @@ def split_folders(calibration: str, holdout: str | None) -> tuple[Path, Path]:
     raise RtkError(f"give --holdout DIR (labelled images the calibration never saw), or a {root} with train/ and val/")
 
 
-def _add_file(bundle: Bundle, name: str, precision: str, extra: dict[str, Any]) -> None:
+def _add_file(bundle: Bundle, name: str, precision: str, extra: dict[str, Any], fmt: str = "onnx") -> None:
     path = bundle.path(name)
-    bundle.add_file(name, FileEntry("onnx", precision, sha256_file(path), path.stat().st_size, extra))
+    bundle.add_file(name, FileEntry(fmt, precision, sha256_file(path), path.stat().st_size, extra))
+
+
+def build_nncf_ir(bundle: Bundle, crops: np.ndarray, echo) -> str | None:
+    """NNCF's int8 OpenVINO IR of model.onnx, when the bundle lacks it and NNCF is installed (else a line saying
+    what to install). The .xml and .bin are written in a staging folder and moved into the bundle together."""
+    import os
+    import tempfile
+
+    from toolkit.checkpoint import ModelSource
+    from toolkit.openvino_ir import IR_INT8, entry_extra, nncf_problem, weights_of, write_int8
+
+    if IR_INT8 in bundle.files:
+        return None
+    problem = nncf_problem()
+    if problem:
+        echo(f"not built: {IR_INT8}: {problem}")
+        return None
+    source = ModelSource.from_manifest(bundle.manifest)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".rtk-ir-", dir=bundle.root) as staging:
+        xml = Path(staging) / IR_INT8
+        used = write_int8(bundle.path("model.onnx"), xml, crops, metadata(source, "int8", bundle.manifest.softmax))
+        os.replace(weights_of(xml), weights_of(bundle.path(IR_INT8)))
+        os.replace(xml, bundle.path(IR_INT8))
+    _add_file(bundle, IR_INT8, "int8", {"exporter": "OpenVINO read_model + NNCF quantize", "calibration_images": used,
+                                        "seconds": round(time.perf_counter() - start, 3),
+                                        **entry_extra(bundle.path(IR_INT8))}, fmt="openvino")
+    echo(f"built {IR_INT8} (NNCF post-training int8, OpenVINO IR)")
+    return IR_INT8
 
 
 def build_candidates(bundle: Bundle, crops: np.ndarray, recipes: tuple[QuantRecipe, ...], echo) -> list[str]:
@@ -178,6 +207,9 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
     crops = calibration_crops(str(calib_dir), config.calibration_size, spec, config.seed)
     built = build_candidates(bundle, crops, config.recipes, echo)
     update_selftest(bundle, {name: _ort_cpu(bundle.path(name)) for name in built})
+    ir = build_nncf_ir(bundle, crops, echo)
+    if ir:  # the key OpenVINO's serving backend looks up
+        update_selftest(bundle, {f"openvino:{ir}": open_openvino(bundle.path(ir), SessionSettings(engine="openvino")).run})
     threads = config.threads or usable_cpus()
     torch.set_num_threads(threads)
     reference = reference_logits(model, spec, holdout.crops)

@@ -114,22 +114,27 @@ class Classifier:
         device = device_for(providers)
         model_path, settings = serving_choice(Path(path), device, threads, runtime, any_size)
         try:
-            metadata_backend = open_onnxruntime(model_path, replace(settings, engine="onnxruntime", device=device,
-                                                                    precision_hint="f32"))
+            if model_path.suffix == ".xml":  # an OpenVINO IR: only OpenVINO reads it, metadata included
+                from toolkit.openvino_ir import metadata
+
+                backend: OrtBackend | OpenVinoBackend = open_session(model_path, settings)
+                meta, width = metadata(model_path), None
+            else:
+                backend = open_onnxruntime(model_path, replace(settings, engine="onnxruntime", device=device,
+                                                               precision_hint="f32"))
+                meta, width = backend.metadata, backend.output_width
+                if settings.engine == "openvino":  # the metadata came from onnxruntime; OpenVINO serves
+                    backend = open_session(model_path, settings)
         except RuntimeUnavailable as exc:
             raise RtkError(str(exc)) from None
-        meta = metadata_backend.metadata
         if "classes" not in meta or "preprocess" not in meta:
             raise RtkError(f"{model_path} has no rtk metadata (classes, preprocess): export it with rtk export")
         classes = json.loads(meta["classes"])
-        width = metadata_backend.output_width
         if width is not None and width != len(classes):
             raise RtkError(f"{model_path}: {len(classes)} class names for {width} outputs")
         precision = meta.get("precision", "fp32")
-        backend: OrtBackend | OpenVinoBackend = metadata_backend
-        if settings.engine == "openvino":  # the metadata came from the onnxruntime session; OpenVINO serves
-            backend = open_session(model_path, settings)
-            precision = "bf16" if settings.precision_hint == "bf16" else precision
+        if settings.engine == "openvino" and settings.precision_hint == "bf16":
+            precision = "bf16"
         if backend.placement_warning():
             warnings.warn(f"{model_path.name}: {backend.placement_warning()}", stacklevel=2)
         clf = cls(backend, model_path, classes, PreprocessSpec.from_dict(json.loads(meta["preprocess"])), precision, max_pixels)
@@ -235,8 +240,11 @@ def serving_choice(path: Path, device: str, threads: int | None = None,
         recommended = {}
         if (path / MANIFEST).is_file():
             recommended = Manifest.read(path / MANIFEST).recommended or {}
-        fits = (str(recommended.get("artifact", "")).endswith(".onnx") and recommended.get("device", "cpu") == device
-                and isinstance(recommended.get("session"), dict))
+        artifact = str(recommended.get("artifact", ""))
+        session = recommended.get("session")
+        servable = artifact.endswith(".onnx") or (artifact.endswith(".xml") and isinstance(session, dict)
+                                                 and session.get("engine") == "openvino")
+        fits = servable and recommended.get("device", "cpu") == device and isinstance(session, dict)
         if not fits or any_size:
             recommended = {}  # an eager/TorchScript or other-device recommendation: serve model.onnx instead
         model_path = path / (ANY_SIZE_FILE if any_size else recommended.get("artifact", "model.onnx"))
@@ -252,6 +260,9 @@ def serving_choice(path: Path, device: str, threads: int | None = None,
     if settings.engine == "openvino":
         problem = openvino_problem(settings.precision_hint)
         if runtime == "onnxruntime" or (problem and runtime == "auto"):
+            if model_path.suffix == ".xml":  # an OpenVINO IR: onnxruntime serves the ONNX file it came from
+                model_path = model_path.with_name("model.onnx")
+                settings = SessionSettings(device=device)
             if problem and runtime == "auto":
                 warnings.warn(f"{path} recommends OpenVINO, which cannot run here ({problem}): serving "
                               f"{model_path.name} with onnxruntime instead", stacklevel=3)

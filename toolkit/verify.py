@@ -258,6 +258,10 @@ def file_classes(path: Path, fmt: str) -> list[str] | None:
 
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         raw = props.get("classes")
+    elif fmt == "openvino":
+        from toolkit.openvino_ir import classes
+
+        return classes(path)
     else:
         import torch
 

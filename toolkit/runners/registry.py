@@ -52,6 +52,12 @@ def _onnx(*precisions: str, plain: bool = False, any_size: bool = True) -> Accep
     return accepts
 
 
+def _openvino_files(*precisions: str, any_size: bool = True) -> Accepts:
+    """What OpenVINO compiles: ONNX files of these precisions (not onnxruntime's optimised graph) and IRs."""
+    onnx = _onnx(*precisions, plain=True, any_size=any_size)
+    return lambda name, entry: onnx(name, entry) or (entry.format == "openvino" and entry.precision in precisions)
+
+
 def _format(fmt: str) -> Accepts:
     return lambda name, entry: entry.format == fmt
 
@@ -147,12 +153,12 @@ ROWS = (
     RuntimeSpec("ort-tensorrt", "cuda", "onnxruntime", "fp32 ONNX with TensorRT fp16; engine cache in the bundle",
                 _onnx("fp32", plain=True, any_size=False), _ort, "fp16", _provider("TensorrtExecutionProvider", True),
                 session={"device": "tensorrt"}),
-    RuntimeSpec("openvino", "cpu", "openvino", "fp32 and int8 ONNX files through OpenVINO (extra: openvino)",
-                _onnx("fp32", "int8", plain=True), _openvino, unavailable=lambda: openvino_problem("f32"),
+    RuntimeSpec("openvino", "cpu", "openvino", "fp32 and int8 ONNX files and OpenVINO IRs (extra: openvino)",
+                _openvino_files("fp32", "int8"), _openvino, unavailable=lambda: openvino_problem("f32"),
                 session={"engine": "openvino", "precision_hint": "f32"}),
     RuntimeSpec("openvino-bf16", "cpu", "openvino", "fp32 ONNX files through OpenVINO with bf16 inference precision",
                 # not the any-size file: bf16 matmuls cannot hold the resize's grey levels (8-bit mantissa)
-                _onnx("fp32", plain=True, any_size=False), _openvino, "bf16", lambda: openvino_problem("bf16"),
+                _openvino_files("fp32", any_size=False), _openvino, "bf16", lambda: openvino_problem("bf16"),
                 session={"engine": "openvino", "precision_hint": "bf16"}),
 )
 REGISTRY: dict[str, RuntimeSpec] = {row.name: row for row in ROWS}
