@@ -185,7 +185,7 @@ def train_cmd(ctx: click.Context, data_dir: Path, output: Path, resume: Path | N
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
 @click.option("--format", "formats", multiple=True, type=click.Choice(["onnx", "torchscript", "pt2", "openvino"]),
-              help="Repeatable [onnx, torchscript, pt2].")
+              help="Repeatable [onnx, torchscript, pt2]; openvino adds OpenVINO IRs (with onnx).")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
               help="ONNX precisions, repeatable [fp32]. int8 needs --calibration-data.")
 @click.option("--opset", default=18, show_default=True)
