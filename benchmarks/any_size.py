@@ -48,6 +48,27 @@ VARIANTS = {
 }
 
 
+def crops_against_torchvision(bundle: Path, paths: list[Path]):
+    """(path, the any-size graph's crop, torchvision's crop) per image: the crop is the graph's intermediate
+    tensor that enters the normalisation (the input of its first Mul with the scale), exposed as an output."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from toolkit.manifest import Manifest
+    from toolkit.verify import torchvision_crop
+
+    spec = Manifest.read(bundle / "manifest.json").preprocess
+    model = onnx.load(str(bundle / ANY_SIZE_FILE))
+    node = next(n for n in model.graph.node if n.op_type == "Mul" and any("scale" in i for i in n.input))
+    crop_name = next(i for i in node.input if "scale" not in i)
+    model.graph.output.append(helper.make_tensor_value_info(crop_name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString())
+    for path in paths:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        yield path, session.run([crop_name], {"image": image[None]})[0][0], torchvision_crop(path, spec).astype(np.float32)
+
+
 def photos() -> list[Path]:
     from sklearn.datasets import load_sample_images
 
@@ -104,26 +125,11 @@ def main() -> None:
                   "`atol`: the any-size tolerance, 0.02 on the largest reference logit's scale.", ""]
 
         # the crops themselves
-        import onnx
-        import onnxruntime as ort
-        from onnx import helper
-
-        from toolkit.manifest import Manifest
-        from toolkit.verify import torchvision_crop
-
-        spec = Manifest.read(bundle / "manifest.json").preprocess
-        model = onnx.load(str(bundle / ANY_SIZE_FILE))
-        node = next(n for n in model.graph.node if n.op_type == "Mul" and any("scale" in i for i in n.input))
-        crop_name = next(i for i in node.input if "scale" not in i)
-        model.graph.output.append(helper.make_tensor_value_info(crop_name, onnx.TensorProto.FLOAT, None))
-        session = ort.InferenceSession(model.SerializeToString())
         pixel_rows = []
-        for path in sorted(folder.iterdir()):
-            image = np.asarray(Image.open(path).convert("RGB"))
-            got = session.run([crop_name], {"image": image[None]})[0][0]
-            want = torchvision_crop(path, spec).astype(np.float32)
+        for path, got, want in crops_against_torchvision(bundle, sorted(folder.iterdir())):
+            image = Image.open(path)
             d = np.abs(got - want)
-            pixel_rows.append([path.stem, f"{image.shape[1]}x{image.shape[0]}", f"{100 * float((d == 0).mean()):.2f}%", f"{d.max():.0f}"])
+            pixel_rows.append([path.stem, f"{image.width}x{image.height}", f"{100 * float((d == 0).mean()):.2f}%", f"{d.max():.0f}"])
         lines += ["## The crops, pixel by pixel (graph vs torchvision on PIL)", "",
                   render(["image", "size", "identical pixels", "max diff (grey levels)"], pixel_rows, "markdown"), ""]
 
@@ -135,6 +141,8 @@ def main() -> None:
     graph = median_ms(lambda: whole.predict([china]))
     decode = median_ms(lambda: np.asarray(Image.open(china).convert("RGB")))
     both_top1 = whole.predict([china])[0].indices[0] == crops.predict([china])[0].indices[0]
+    import onnx
+
     size_any = (bundle / ANY_SIZE_FILE).stat().st_size
     size_fixed = (bundle / "model.onnx").stat().st_size
     ops_any = Counter(n.op_type for n in onnx.load(str(bundle / ANY_SIZE_FILE)).graph.node)

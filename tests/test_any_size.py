@@ -35,25 +35,10 @@ def test_the_bundle_has_the_any_size_file(tiny_bundle):
 
 def test_in_graph_crops_are_pillows_to_the_rounding(tiny_bundle, photo_variants):
     """The resized pixels themselves, against torchvision's PIL pipeline (see README for the residual)."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper
+    from benchmarks.any_size import crops_against_torchvision
 
-    from toolkit.manifest import Manifest
-    from toolkit.verify import torchvision_crop
-
-    spec = Manifest.read(tiny_bundle / "manifest.json").preprocess
-    model = onnx.load(str(tiny_bundle / ANY_SIZE_FILE))
-    # expose the crop the resize produces: the input of the first Mul of the normalisation
-    node = next(n for n in model.graph.node if n.op_type == "Mul" and any("scale" in i for i in n.input))
-    crop_name = next(i for i in node.input if "scale" not in i)
-    model.graph.output.append(helper.make_tensor_value_info(crop_name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(model.SerializeToString())
     identical, total, worst = 0, 0, 0.0
-    for path in sorted(photo_variants.iterdir()):
-        image = np.asarray(Image.open(path).convert("RGB"))
-        got = session.run([crop_name], {"image": image[None]})[0][0]
-        want = torchvision_crop(path, spec).astype(np.float32)
+    for path, got, want in crops_against_torchvision(tiny_bundle, sorted(photo_variants.iterdir())):
         assert got.shape == want.shape == (32, 32, 3), path.name
         worst = max(worst, float(np.abs(got - want).max()))
         identical += int((got == want).sum())
