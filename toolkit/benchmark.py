@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.bundle import Bundle, takes_any_size
+from toolkit.bundle import Bundle
 from toolkit.env import environment, usable_cpus
 from toolkit.errors import RtkError, first_line
 from toolkit.fileio import write_json, write_text
@@ -131,7 +131,7 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
     later: list[tuple[Any, dict[int, np.ndarray], dict[str, Any]]] = []  # loaded once, timed together afterwards
     for entry in each_loaded(entries):
         base = {"runtime": entry.runtime, "artifact": entry.artifact, "precision": entry.precision}
-        any_size = entry.artifact in bundle.files and takes_any_size(bundle.files[entry.artifact])
+        any_size = bundle.any_size(entry.artifact)
         inputs = whole if any_size else batches
         base["input"] = f"{width}x{height} image, resized in the graph" if any_size else f"{spec.crop_size}x{spec.crop_size} crop"
         if isinstance(entry, (Skipped, Failed)):
@@ -147,12 +147,14 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
             echo(f"{entry.runtime:<19} {entry.artifact:<16} FAILED: {first_line(exc)}")
             continue
         cold = entry.load_seconds + time.perf_counter() - start
-        on_cuda = runtime(entry.runtime).device == "cuda"
-        if on_cuda:
+        measured = {**base, "cold_start_s": cold, "threads": threads, "skipped": False, "failed": False}
+        if runtime(entry.runtime).device == "cuda":  # device memory of this runtime alone, at every batch size
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        measured = {**base, "cold_start_s": cold, "threads": threads, "skipped": False, "failed": False,
-                    **entry.memory.to_dict(), "details": dict(entry.details)}
+            for b in config.batch_sizes:
+                entry.run_prepared(entry.prepare(inputs[b]))
+            measured["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        measured.update(**entry.memory.to_dict(), details=dict(entry.details))
         if config.interleave:  # timed below, with every other runtime, in shuffled rounds
             later.append((entry, inputs, measured))
         else:
@@ -161,8 +163,6 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
                                       config.min_seconds)
                 record = {**measured, "batch_size": b, **latency_stats(samples, b)}
                 record["unstable"] = record["cv"] > UNSTABLE_CV
-                if on_cuda:
-                    record["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                 results.append(record)
                 echo(_row(record))
         if config.sweep:

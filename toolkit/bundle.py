@@ -74,6 +74,11 @@ class Bundle:
     def path(self, name: str) -> Path:
         return self.root / name
 
+    def any_size(self, artifact: str) -> bool:
+        """`artifact` is a bundle file that resizes inside its graph (fed whole images, not crops);
+        the eager checkpoint is not."""
+        return artifact in self.manifest.files and takes_any_size(self.manifest.files[artifact])
+
     def integrity_problem(self, name: str) -> str | None:
         """Why the file is not the one the manifest describes (missing, wrong size, other sha256); None if it is."""
         if name not in self._integrity:

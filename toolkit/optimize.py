@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.bundle import Bundle, takes_any_size
+from toolkit.bundle import Bundle
 from toolkit.env import cpu_info, usable_cpus, version_of
 from toolkit.errors import RtkError
 from toolkit.export import QuantRecipe, calibration_crops, metadata, write_int8
@@ -169,7 +169,7 @@ def candidates(bundle: Bundle, reference, threads: int):
     options = RunOptions(threads=threads, profile_placement=False)
     # the any-size file takes whole images, another contract than the crops a recommendation serves
     entries = [e for e in plan(bundle, runtimes_on("cpu"), reference, options)
-               if e.artifact not in bundle.files or not takes_any_size(bundle.files[e.artifact])]
+               if not bundle.any_size(e.artifact)]
     for level in EXTRA_ORT_LEVELS:
         entries += [e for e in plan(bundle, ["ort-cpu"], reference, dataclasses.replace(options, ort_graph_optimization=level))
                     if e.artifact == "model.onnx"]

@@ -344,7 +344,7 @@ def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, ran
                 records.append(failure_record(entry, len(inputs.crops), gates))
                 echo(f"FAIL {entry.artifact} on {entry.runtime}: {entry.reason}")
                 continue
-            any_size = entry.artifact in bundle.files and takes_any_size(bundle.files[entry.artifact])
+            any_size = bundle.any_size(entry.artifact)
             try:
                 out = run_each(entry, inputs.originals) if any_size else run_batched(entry, inputs.crops)
             except Exception as exc:  # a file that loads but cannot run is as broken as one that does not load
