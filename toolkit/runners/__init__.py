@@ -16,7 +16,6 @@ from toolkit.runners.registry import (
     RUNTIMES,
     VERIFY_DEFAULT,
     RuntimeSpec,
-    artifact_runtimes,
     plan,
     require_named,
     runtime,
@@ -25,5 +24,5 @@ from toolkit.runners.registry import (
 )
 
 __all__ = ["REGISTRY", "RUNTIMES", "VERIFY_DEFAULT", "Entry", "Failed", "MemoryScope", "RunOptions", "Runner",
-           "RuntimeSpec", "RuntimeUnavailable", "Skipped", "artifact_runtimes", "check_batch", "each_loaded", "plan",
+           "RuntimeSpec", "RuntimeUnavailable", "Skipped", "check_batch", "each_loaded", "plan",
            "require_named", "runtime", "runtimes_on", "with_options"]

@@ -181,11 +181,6 @@ def runtimes_on(device: str | None, among: tuple[str, ...] | list[str] | None = 
     return [r for r in (among or REGISTRY) if runtime(r).device == device]
 
 
-def artifact_runtimes(name: str, entry: FileEntry) -> list[str]:
-    """Which runtimes run a bundle file."""
-    return [row.name for row in ROWS if row.accepts is not None and row.accepts(name, entry)]
-
-
 def plan(bundle: Bundle, runtimes: list[str] | None, reference: Reference, options: RunOptions) -> list[Entry]:
     """One entry per (runtime, artifact) asked for: a Runner to load, Skipped (the runtime cannot exist
     here) or Failed (the file is not what the manifest describes). `reference()` gives (model, spec);
