@@ -11,6 +11,8 @@ import torch
 
 from tests.conftest import error_line, rtk
 from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+from toolkit.errors import RtkError
+from toolkit.export import QuantRecipe
 from toolkit.graph import ImageClassifier
 from toolkit.preprocess import PreprocessSpec
 
@@ -225,6 +227,17 @@ def test_int8_setting_follows_the_instruction_set(tiny_bundle):
     amx = CpuInfo("SPR", 2, 2, frozenset({"avx512f", "amx_tile", "amx_int8"}))
     assert int8_recipe_for(avx2) == int8_recipe_for(avx512) == QuantRecipe(reduce_range=True)
     assert int8_recipe_for(vnni) == int8_recipe_for(amx) == QuantRecipe()
-    assert QuantRecipe(reduce_range=True).file_name == "model.int8.onnx"
+    assert QuantRecipe(reduce_range=True).file_name == "model.int8-minmax-u8-reduce-range.onnx"
     entry = json.loads((tiny_bundle / "manifest.json").read_text())["files"]["model.int8.onnx"]
     assert entry["quantization"]["reduce_range"] is not entry["quantized_for"]["vnni"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"format": "qoperator", "weights": "u8"}, "per-channel convolution weights as s8"),
+    ({"activations": "s8", "weights": "u8"}, "s8 activations with u8 weights"),
+    ({"format": "qop"}, "format must be one of qdq, qoperator"),
+    ({"calibration": "mse"}, "calibration must be one of"),
+])
+def test_quant_recipes_onnxruntime_would_not_honour_are_refused(settings, message):
+    with pytest.raises(RtkError, match=message):
+        QuantRecipe(**settings)

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -27,13 +28,53 @@ def _broken_but_fast(src, dst):
 
 @pytest.fixture(scope="module")
 def optimized(tiny_bundle, tiny_data, tmp_path_factory):
-    bundle = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("opt") / "b", files=("model.onnx", "model.fp16.onnx"))
+    bundle = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("opt") / "b", files=("model.onnx", "model.fp16.onnx", "model.int8.onnx"))
     _broken_but_fast(bundle / "model.onnx", bundle / "model.fp16.onnx")
     reseal(bundle, "model.fp16.onnx")
-    config = OptimizeConfig(calibration_data=str(tiny_data), recipes=(QuantRecipe(), QuantRecipe(activations="s8")),
-                            batch_sizes=(1, 2), threads=1, **QUICK)
+    config = OptimizeConfig(calibration_data=str(tiny_data), batch_sizes=(1, 2), threads=1, **QUICK,
+                            recipes=(QuantRecipe(), QuantRecipe(reduce_range=True), QuantRecipe(activations="s8"), QuantRecipe(weights="u8"),
+                                     QuantRecipe(format="qoperator", weights="u8", per_channel=False)))
     report = optimize_bundle(bundle, config, echo=lambda s: None)
     return bundle, report
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="the openvino extra is not installed")
+def test_accuracy_control_returns_layers_to_fp32_where_plain_int8_fails(tiny_bundle, tiny_data, tmp_path):
+    """Calibrated on flat grey images, NNCF's plain int8 saturates on real ones and must fail verification;
+    its accuracy control against the held-out images keeps only the layers int8 can hold, and passes."""
+    from PIL import Image
+
+    from toolkit.openvino_ir import IR_INT8, IR_INT8_AC, nncf_problem
+
+    if nncf_problem():
+        pytest.skip(nncf_problem())
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for i in range(8):
+        Image.new("RGB", (40, 40), (128, 128, 128)).save(grey / f"{i}.png")
+    # held-out images labelled with the fp32 model's own answers (a one-epoch model is right on few of them),
+    # so an int8 file within the accuracy bound also agrees with fp32 as verification demands
+    holdout = tmp_path / "holdout"
+    images = sorted((tiny_data / "val").rglob("*.png"))
+    classes = (bundle / "labels.txt").read_text().split()
+    for path, prediction in zip(images, Classifier.load(bundle).predict(images)):
+        (holdout / classes[prediction.indices[0]]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, holdout / classes[prediction.indices[0]] / path.name)
+    for name in classes:
+        (holdout / name).mkdir(exist_ok=True)
+    lines: list[str] = []
+    config = OptimizeConfig(calibration_data=str(grey), holdout=str(holdout), recipes=(QuantRecipe(),),
+                            batch_sizes=(1,), threads=1, **QUICK)
+    report = optimize_bundle(bundle, config, echo=lines.append)
+    rows = {r["artifact"]: r for r in report["candidates"] if r["runtime"] == "openvino"}
+    assert rows[IR_INT8]["status"] == "failed verification" and "max_accuracy_drop" in rows[IR_INT8]["failed_metrics"]
+    assert rows[IR_INT8_AC]["status"] == "passed" and rows[IR_INT8_AC]["accuracy_change_points"] >= -0.5
+    entry = json.loads((bundle / "manifest.json").read_text())["files"][IR_INT8_AC]
+    plain = json.loads((bundle / "manifest.json").read_text())["files"][IR_INT8]
+    assert 0 < entry["int8_layers"] < plain["int8_layers"] == plain["layers"] == entry["layers"]
+    assert entry["accuracy_control"]["max_drop_points"] == 0.5 and entry["accuracy_control"]["holdout_images"] == 18
+    assert any(line.startswith(f"built {IR_INT8_AC}") for line in lines)
 
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="the openvino extra is not installed")
@@ -54,10 +95,28 @@ def test_nncf_int8_ir_is_built_verified_and_servable(optimized):
 def test_builds_missing_candidates_and_labels_the_hardware_specific_graph(optimized):
     bundle, _ = optimized
     manifest = json.loads((bundle / "manifest.json").read_text())
-    for name in ("model.int8.onnx", "model.int8-minmax-s8.onnx", ORT_OPT_FILE):
+    qoperator = "model.int8-minmax-u8-per-tensor-u8-weights-qoperator.onnx"
+    for name in ("model.int8.onnx", "model.int8-minmax-s8.onnx", qoperator, ORT_OPT_FILE):
         assert (bundle / name).is_file() and name in manifest["files"]
     assert manifest["files"]["model.int8-minmax-s8.onnx"]["quantization"] == {
-        "calibration": "minmax", "activations": "s8", "per_channel": True, "reduce_range": False}
+        "calibration": "minmax", "activations": "s8", "per_channel": True, "reduce_range": False, "weights": "s8",
+        "format": "qdq"}
+    # the format and the weight type asked for are what the files hold
+    qdq_ops = {n.op_type for n in onnx.load(str(bundle / "model.int8-minmax-s8.onnx")).graph.node}
+    assert "DequantizeLinear" in qdq_ops and "QLinearConv" not in qdq_ops
+    graph = onnx.load(str(bundle / qoperator)).graph
+    conv = next(n for n in graph.node if n.op_type == "QLinearConv")
+    assert {i.name: i for i in graph.initializer}[conv.input[3]].data_type == onnx.TensorProto.UINT8
+    graph = onnx.load(str(bundle / "model.int8-minmax-u8-u8-weights.onnx")).graph
+    quantized = {i.name: i.data_type for i in graph.initializer if i.name.endswith("weight_quantized")}
+    assert quantized and set(quantized.values()) == {onnx.TensorProto.UINT8}
+    rows = [r for r in optimized[1]["candidates"] if r["artifact"] == qoperator]
+    # onnxruntime runs it; OpenVINO's ONNX reader cannot convert QLinearConv, so it is not planned there
+    assert [r["runtime"] for r in rows] == ["ort-cpu"] and rows[0]["status"] in ("passed", "failed verification")
+    # model.int8.onnx holds export's choice for this CPU (7-bit weights or not): only the other one is built
+    chosen = QuantRecipe.of(manifest["files"]["model.int8.onnx"])
+    other = QuantRecipe(reduce_range=not chosen.reduce_range)
+    assert other.file_name in manifest["files"] and chosen.file_name not in manifest["files"]
     label = manifest["files"][ORT_OPT_FILE]["hardware_specific"]
     assert label["cpu"] and "avx512" in label["isa"] and label["onnxruntime"]
     with np.load(bundle / "selftest.npz") as data:

@@ -255,12 +255,19 @@ def add_speedups(results: list[dict[str, Any]]) -> None:
             continue
         ref = eager.get(r["batch_size"])
         r["speedup_vs_eager"] = ref["p50_ms"] / r["p50_ms"] if ref else None
-        if ref and "round_p50_ms" in r and "round_p50_ms" in ref:
-            # the ratio itself stays the pooled p50s' (samples of both spread over the same span of time,
-            # robust to bursts that hit some rounds); the per-round ratios show how much it moved
-            ratios = np.asarray(ref["round_p50_ms"]) / np.asarray(r["round_p50_ms"])
-            r["speedup_rounds"] = [float(x) for x in ratios]
-            r["speedup_spread"] = float((ratios.max() - ratios.min()) / np.median(ratios))
+        if ref:
+            r.update(round_ratios(ref, r))
+
+
+def round_ratios(ref: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """The speed ratio ref / record in each interleaved round and its spread, (max - min) / median; empty
+    for records timed one after the other. The ratio itself stays the pooled p50s' (samples of both spread
+    over the same span of time, robust to bursts that hit some rounds); the rounds show how much it moved."""
+    if "round_p50_ms" not in ref or "round_p50_ms" not in record:
+        return {}
+    ratios = np.asarray(ref["round_p50_ms"]) / np.asarray(record["round_p50_ms"])
+    return {"speedup_rounds": [float(x) for x in ratios],
+            "speedup_spread": float((ratios.max() - ratios.min()) / np.median(ratios))}
 
 
 def _row(r: dict[str, Any]) -> str:

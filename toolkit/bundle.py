@@ -23,6 +23,7 @@ FILES = {
     "model.any-size.onnx": ("onnx", "fp32"),  # resize + center crop inside the graph: any image size in
     "model.openvino.xml": ("openvino", "fp32"),  # OpenVINO IR (+ .bin), converted from model.onnx
     "model.openvino-int8.xml": ("openvino", "int8"),  # NNCF int8 IR
+    "model.openvino-int8-ac.xml": ("openvino", "int8"),  # NNCF int8 with accuracy control (rtk optimize)
 }
 ANY_SIZE = "any-size"  # a manifest entry's "input": decoded images of any size, not crops
 ANY_SIZE_FILE = "model.any-size.onnx"

@@ -6,6 +6,7 @@ was written and checked, so a failure never leaves a half-written bundle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -181,19 +182,43 @@ class QuantRecipe:
     per_channel: bool = True
     # 7-bit weights: onnxruntime's remedy for u8 x s8 saturation on x86 without VNNI (AVX2, AVX-512 w/o VNNI)
     reduce_range: bool = False
+    weights: str = "s8"  # s8 | u8 (u8 x u8: onnxruntime's other remedy for saturation)
+    format: str = "qdq"  # qdq (QuantizeLinear/DequantizeLinear pairs) | qoperator (QLinearConv, QLinearMatMul ...)
+
+    def __post_init__(self) -> None:
+        allowed = {"calibration": ("minmax", "entropy", "percentile"), "activations": ("u8", "s8"),
+                   "weights": ("s8", "u8"), "format": ("qdq", "qoperator")}
+        for field, values in allowed.items():
+            if getattr(self, field) not in values:
+                raise RtkError(f"quantisation {field} must be one of {', '.join(values)}, not {getattr(self, field)!r}")
+        if self.activations == "s8" and self.weights == "u8":
+            raise RtkError("onnxruntime cannot quantise s8 activations with u8 weights")
+        if self.format == "qoperator" and self.per_channel and self.weights == "u8":
+            # its QLinearConv writer hard-codes s8 for per-channel weights: the file would not be what was asked
+            raise RtkError("onnxruntime's QOperator format writes per-channel convolution weights as s8: "
+                           "u8 weights need per-tensor quantisation there")
 
     @property
     def file_name(self) -> str:
-        if self in (QuantRecipe(), QuantRecipe(reduce_range=True)):  # what --precision int8 writes, by CPU
-            return file_name("onnx", "int8")
+        """The variant's own name in a bundle. Export writes the setting it picks for the CPU as
+        model.int8.onnx instead, with the setting in the manifest."""
         return (f"model.int8-{self.calibration}-{self.activations}{'' if self.per_channel else '-per-tensor'}"
-                f"{'-reduce-range' if self.reduce_range else ''}.onnx")
+                f"{'-reduce-range' if self.reduce_range else ''}{'-u8-weights' if self.weights == 'u8' else ''}"
+                f"{'-qoperator' if self.format == 'qoperator' else ''}.onnx")
+
+    @classmethod
+    def of(cls, entry) -> QuantRecipe | None:
+        """The recipe a manifest file entry records (None for a file that is not onnxruntime int8)."""
+        recorded = entry.get("quantization")
+        if not isinstance(recorded, dict):
+            return None
+        return cls(**{f.name: recorded[f.name] for f in dataclasses.fields(cls) if f.name in recorded})
 
     @property
     def label(self) -> str:
-        return (f"QDQ, {self.calibration} calibration, {self.activations} activations, "
-                f"{'7-bit (reduce_range)' if self.reduce_range else 's8'} weights "
-                f"{'per channel' if self.per_channel else 'per tensor'}")
+        weights = f"{self.weights} weights{' (7-bit: reduce_range)' if self.reduce_range else ''}"
+        return (f"{'QOperator' if self.format == 'qoperator' else 'QDQ'}, {self.calibration} calibration, "
+                f"{self.activations} activations, {weights} {'per channel' if self.per_channel else 'per tensor'}")
 
 
 def int8_recipe_for(cpu) -> QuantRecipe:
@@ -210,8 +235,8 @@ HISTOGRAM_CALIBRATION_LIMIT = 32
 
 
 def write_int8(fp32_path: Path, path: Path, crops: np.ndarray, meta: dict[str, str], recipe: QuantRecipe = QuantRecipe()) -> int:
-    """onnxruntime static quantisation: its pre-processing step, then QDQ with int8 weights, calibrated on
-    `crops`. Returns how many calibration images were used."""
+    """onnxruntime static quantisation (its pre-processing step, then the recipe's format and types), calibrated
+    on `crops`. Returns how many calibration images were used."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -224,9 +249,6 @@ def write_int8(fp32_path: Path, path: Path, crops: np.ndarray, meta: dict[str, s
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    if recipe.calibration not in methods or recipe.activations not in ("u8", "s8"):
-        raise RtkError(f"unknown quantisation recipe {recipe}")
-
     # Histogram calibrators stack per-batch arrays, so they need equal batches: feed them one image at a time.
     step = 8 if recipe.calibration == "minmax" else 1
     if recipe.calibration != "minmax":
@@ -242,9 +264,11 @@ def write_int8(fp32_path: Path, path: Path, crops: np.ndarray, meta: dict[str, s
     with tempfile.TemporaryDirectory(prefix="rtk-int8-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
-                        activation_type=QuantType.QUInt8 if recipe.activations == "u8" else QuantType.QInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=methods[recipe.calibration],
+        types = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
+        quantize_static(str(pre), str(path), Reader(), per_channel=recipe.per_channel,
+                        quant_format=QuantFormat.QDQ if recipe.format == "qdq" else QuantFormat.QOperator,
+                        activation_type=types[recipe.activations], weight_type=types[recipe.weights],
+                        calibrate_method=methods[recipe.calibration],
                         reduce_range=recipe.reduce_range)
     model = onnx.load(str(path))
     set_onnx_metadata(model, meta)

@@ -9,6 +9,7 @@ int8 also needs nncf (extra `openvino`). No torch.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from toolkit.fileio import sha256_file
 
 IR_FP32 = "model.openvino.xml"
 IR_INT8 = "model.openvino-int8.xml"
+IR_INT8_AC = "model.openvino-int8-ac.xml"  # NNCF int8 with accuracy control: layers kept fp32 where int8 costs accuracy
 RT_KEY = "rtk"
 
 
@@ -51,9 +53,31 @@ def write_fp32(onnx_path: Path, xml: Path, meta: dict[str, str]) -> None:
     _save(ov.Core().read_model(str(onnx_path)), xml, meta)
 
 
-def write_int8(onnx_path: Path, xml: Path, crops: np.ndarray, meta: dict[str, str]) -> int:
-    """NNCF post-training quantisation (its default: symmetric int8 weights, mixed activations) calibrated on
-    `crops`; returns how many images it used."""
+@dataclass(frozen=True)
+class AccuracyControl:
+    """Labelled held-out crops and the top-1 drop (points) NNCF's accuracy control may not exceed on them."""
+
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    labels: np.ndarray  # int (N,)
+    max_drop_points: float
+
+
+def int8_layers(model) -> tuple[int, int]:
+    """(layers with int8 weights, convolution and matmul layers) of an OpenVINO model: NNCF stores each
+    quantised layer's weights as one int8 constant, and leaves the weights of a layer it keeps fp32 alone."""
+    import openvino as ov
+
+    ops = model.get_ops()
+    int8 = sum(op.get_type_name() == "Constant" and op.get_element_type() in (ov.Type.i8, ov.Type.u8) for op in ops)
+    return int8, sum(op.get_type_name() in ("Convolution", "MatMul") for op in ops)
+
+
+def write_int8(onnx_path: Path, xml: Path, crops: np.ndarray, meta: dict[str, str],
+               control: AccuracyControl | None = None) -> dict[str, Any]:
+    """NNCF post-training quantisation (its CPU default: symmetric int8 weights and activations) calibrated on
+    `crops`. With `control`, `nncf.quantize_with_accuracy_control` instead: it measures top-1 on the held-out
+    images and returns layers to fp32, the most harmful first, until the drop is within the bound.
+    Returns what was done: images used, quantised tensors, and the accuracy control's own figures."""
     problem = nncf_problem()
     if problem:
         raise RtkError(problem)
@@ -62,9 +86,37 @@ def write_int8(onnx_path: Path, xml: Path, crops: np.ndarray, meta: dict[str, st
 
     model = ov.Core().read_model(str(onnx_path))
     dataset = nncf.Dataset([crops[i : i + 1] for i in range(len(crops))])
-    quantized = nncf.quantize(model, dataset, subset_size=len(crops))
+    info: dict[str, Any] = {"calibration_images": len(crops)}
+    if control is None:
+        quantized = nncf.quantize(model, dataset, subset_size=len(crops))
+    else:
+        if len(control.images) != len(control.labels) or not len(control.images):
+            raise RtkError("accuracy control needs held-out images with one label each")
+        accuracy = _top1_validator()
+        items = [(control.images[i : i + 1], int(control.labels[i])) for i in range(len(control.images))]
+        quantized = nncf.quantize_with_accuracy_control(
+            model, dataset, nncf.Dataset(items, lambda item: item[0]), accuracy,
+            max_drop=control.max_drop_points / 100, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(crops))
+        core = ov.Core()
+        info["accuracy_control"] = {
+            "holdout_images": len(items), "max_drop_points": control.max_drop_points,
+            "fp32_top1": accuracy(core.compile_model(model, "CPU"), items)[0],
+            "int8_top1": accuracy(core.compile_model(quantized, "CPU"), items)[0]}
+    info["int8_layers"], info["layers"] = int8_layers(quantized)
     _save(quantized, xml, meta)
-    return len(crops)
+    return info
+
+
+def _top1_validator():
+    """NNCF's validation function: top-1 accuracy over (image, label) items, with each item's hit (1.0 or 0.0)
+    so NNCF can rank layers without calling it once per item."""
+
+    def validate(compiled_model, items) -> tuple[float, list[float]]:
+        output = compiled_model.outputs[0]
+        hits = [float(np.argmax(compiled_model(image)[output]) == label) for image, label in items]
+        return (sum(hits) / len(hits) if hits else 0.0), hits
+
+    return validate
 
 
 def metadata(xml: Path) -> dict[str, str]:

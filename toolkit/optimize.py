@@ -1,9 +1,10 @@
 """`rtk optimize`: find the fastest CPU deployment of a bundle that still matches the eager model.
 
 Candidates: every CPU runtime on every ONNX/torch artifact (eager, eager-bf16, TorchScript,
-torch.export, onnxruntime at several graph-optimisation levels, OpenVINO f32/bf16/int8), int8
-variants (calibration method, signed/unsigned activations, per-channel or per-tensor weights) and
-onnxruntime's saved optimised graph. Each candidate is verified against the eager model on
+torch.export, onnxruntime at several graph-optimisation levels, OpenVINO f32/bf16/int8), onnxruntime
+int8 variants (calibration method, signed/unsigned activations and weights, 7-bit weights, per-channel
+or per-tensor weights, QDQ or QOperator format), NNCF's int8 OpenVINO IRs (plain, and with accuracy
+control against the held-out images) and onnxruntime's saved optimised graph. Each candidate is verified against the eager model on
 held-out labelled images; only those that pass are benchmarked; the fastest passing one is
 written to the manifest as `recommended`. A candidate that fails verification is never
 recommended, whatever its speed.
@@ -39,6 +40,9 @@ DEFAULT_RECIPES = (
     QuantRecipe(per_channel=False),
     QuantRecipe(calibration="entropy"),
     QuantRecipe(calibration="percentile"),
+    QuantRecipe(weights="u8"),  # u8 x u8: onnxruntime's other remedy for u8 x s8 saturation without VNNI
+    QuantRecipe(format="qoperator"),  # QLinearConv etc. instead of QDQ pairs the graph optimiser must fuse
+    QuantRecipe(format="qoperator", weights="u8", per_channel=False),  # its only u8-weight convolutions
 )
 ORT_OPT_FILE = "model.ort-opt.onnx"
 EXTRA_ORT_LEVELS = ("basic", "extended")  # beside the default "all", on model.onnx
@@ -83,33 +87,67 @@ def _add_file(bundle: Bundle, name: str, precision: str, extra: dict[str, Any], 
     bundle.add_file(name, FileEntry(fmt, precision, sha256_file(path), path.stat().st_size, extra))
 
 
-def build_nncf_ir(bundle: Bundle, crops: np.ndarray, echo) -> str | None:
-    """NNCF's int8 OpenVINO IR of model.onnx, when the bundle lacks it and NNCF is installed (else a line saying
-    what to install). The .xml and .bin are written in a staging folder and moved into the bundle together."""
+def build_nncf_irs(bundle: Bundle, crops: np.ndarray, control, echo) -> list[str]:
+    """NNCF's int8 OpenVINO IRs of model.onnx that the bundle lacks: plain post-training int8, and int8 with
+    accuracy control against the held-out images (`control`), kept only when it returned some layers to
+    fp32 (otherwise it is the plain file again). Without NNCF, a line saying what to install."""
+    from toolkit.openvino_ir import IR_INT8, IR_INT8_AC, nncf_problem
+
+    problem = nncf_problem()
+    if problem:
+        echo(f"not built: {IR_INT8}, {IR_INT8_AC}: {problem}")
+        return []
+    built = []
+    if IR_INT8 not in bundle.files:
+        _write_ir(bundle, IR_INT8, crops, None, "OpenVINO read_model + NNCF quantize")
+        built.append(IR_INT8)
+        echo(f"built {IR_INT8} (NNCF post-training int8, OpenVINO IR)")
+    if IR_INT8_AC not in bundle.files:
+        plain = _int8_layers(bundle.path(IR_INT8))
+        # nothing returned to fp32 means the plain file again: no new candidate
+        info = _write_ir(bundle, IR_INT8_AC, crops, control, "OpenVINO read_model + NNCF quantize_with_accuracy_control",
+                         keep=lambda info: info["int8_layers"] < plain)
+        ac = info["accuracy_control"]
+        figures = (f"held-out top-1 fp32 {100 * ac['fp32_top1']:.2f}%, int8 {100 * ac['int8_top1']:.2f}%, "
+                   f"{info['int8_layers']} of {info['layers']} layers int8 (plain int8: {plain})")
+        if info["int8_layers"] < plain:
+            built.append(IR_INT8_AC)
+            echo(f"built {IR_INT8_AC} (NNCF int8 with accuracy control: {figures})")
+        else:
+            echo(f"not kept: {IR_INT8_AC}: accuracy control returned no layer to fp32 ({figures})")
+    return built
+
+
+def _int8_layers(xml: Path) -> int:
+    import openvino as ov
+
+    from toolkit.openvino_ir import int8_layers
+
+    return int8_layers(ov.Core().read_model(str(xml)))[0]
+
+
+def _write_ir(bundle: Bundle, name: str, crops: np.ndarray, control, exporter: str,
+              keep: Callable[[dict[str, Any]], bool] = lambda info: True) -> dict[str, Any]:
+    """Quantise model.onnx into the IR `name`; the .xml and .bin are written in a staging folder and moved into
+    the bundle together, if `keep` says so."""
     import os
     import tempfile
 
     from toolkit.checkpoint import ModelSource
-    from toolkit.openvino_ir import IR_INT8, entry_extra, nncf_problem, weights_of, write_int8
+    from toolkit.openvino_ir import entry_extra, weights_of, write_int8
 
-    if IR_INT8 in bundle.files:
-        return None
-    problem = nncf_problem()
-    if problem:
-        echo(f"not built: {IR_INT8}: {problem}")
-        return None
     source = ModelSource.from_manifest(bundle.manifest)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".rtk-ir-", dir=bundle.root) as staging:
-        xml = Path(staging) / IR_INT8
-        used = write_int8(bundle.path("model.onnx"), xml, crops, metadata(source, "int8", bundle.manifest.softmax))
-        os.replace(weights_of(xml), weights_of(bundle.path(IR_INT8)))
-        os.replace(xml, bundle.path(IR_INT8))
-    _add_file(bundle, IR_INT8, "int8", {"exporter": "OpenVINO read_model + NNCF quantize", "calibration_images": used,
-                                        "seconds": round(time.perf_counter() - start, 3),
-                                        **entry_extra(bundle.path(IR_INT8))}, fmt="openvino")
-    echo(f"built {IR_INT8} (NNCF post-training int8, OpenVINO IR)")
-    return IR_INT8
+        xml = Path(staging) / name
+        info = write_int8(bundle.path("model.onnx"), xml, crops, metadata(source, "int8", bundle.manifest.softmax), control)
+        if not keep(info):
+            return info
+        os.replace(weights_of(xml), weights_of(bundle.path(name)))
+        os.replace(xml, bundle.path(name))
+    _add_file(bundle, name, "int8", {"exporter": exporter, **info, "seconds": round(time.perf_counter() - start, 3),
+                                     **entry_extra(bundle.path(name))}, fmt="openvino")
+    return info
 
 
 def build_candidates(bundle: Bundle, crops: np.ndarray, recipes: tuple[QuantRecipe, ...], echo) -> list[str]:
@@ -120,9 +158,10 @@ def build_candidates(bundle: Bundle, crops: np.ndarray, recipes: tuple[QuantReci
 
     source = ModelSource.from_manifest(bundle.manifest)
     built = []
+    present = {QuantRecipe.of(entry) for entry in bundle.files.values()}  # model.int8.onnx holds export's choice
     for recipe in recipes:
         name = recipe.file_name
-        if name in bundle.files:
+        if name in bundle.files or recipe in present:
             continue
         start = time.perf_counter()
         with atomic_path(bundle.path(name)) as tmp:
@@ -191,7 +230,7 @@ def settings(runner) -> str:
 def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     import torch
 
-    from toolkit.benchmark import STAT_KEYS, BenchConfig, interleaved
+    from toolkit.benchmark import STAT_KEYS, BenchConfig, interleaved, round_ratios
     from toolkit.checkpoint import source_from_manifest
     from toolkit.runners import Failed, Skipped, each_loaded
 
@@ -207,9 +246,12 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
     crops = calibration_crops(str(calib_dir), config.calibration_size, spec, config.seed)
     built = build_candidates(bundle, crops, config.recipes, echo)
     update_selftest(bundle, {name: _ort_cpu(bundle.path(name)) for name in built})
-    ir = build_nncf_ir(bundle, crops, echo)
-    if ir:  # the key OpenVINO's serving backend looks up
-        update_selftest(bundle, {f"openvino:{ir}": open_openvino(bundle.path(ir), SessionSettings(engine="openvino")).run})
+    from toolkit.openvino_ir import AccuracyControl
+
+    control = AccuracyControl(holdout.crops, holdout.labels, config.max_accuracy_drop)
+    # the key OpenVINO's serving backend looks up
+    update_selftest(bundle, {f"openvino:{ir}": open_openvino(bundle.path(ir), SessionSettings(engine="openvino")).run
+                             for ir in build_nncf_irs(bundle, crops, control, echo)})
     threads = config.threads or usable_cpus()
     torch.set_num_threads(threads)
     reference = reference_logits(model, spec, holdout.crops)
@@ -272,6 +314,8 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
             for row in rows:
                 if f"b{b}" in row:
                     row[f"b{b}"][f"speedup_vs_{name}"] = base[f"b{b}"]["p50_ms"] / row[f"b{b}"]["p50_ms"]
+                    if name == "eager":  # how much the ratio moved from round to round
+                        row[f"b{b}"].update(round_ratios(base[f"b{b}"], row[f"b{b}"]))
     first = config.batch_sizes[0]
     ranked = sorted((r for r in rows if r["status"] == "passed"), key=lambda r: r[f"b{first}"]["p50_ms"])
     if not ranked:
@@ -283,6 +327,7 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
                    "speedup_vs_onnxruntime_default": best[f"b{first}"].get("speedup_vs_onnxruntime_default"),
                    "speedup_vs_openvino_default": best[f"b{first}"].get("speedup_vs_openvino_default"), "batch_size": first,
                    "p50_ms": best[f"b{first}"]["p50_ms"], "speedup_vs_eager": best[f"b{first}"].get("speedup_vs_eager"),
+                   "speedup_vs_eager_spread": best[f"b{first}"].get("speedup_spread"),
                    "accuracy_change_points": best["accuracy_change_points"]}
     from toolkit.env import library_versions
 
@@ -327,7 +372,8 @@ def _ort_cpu(path: Path):
 def format_table(report: dict[str, Any], markdown: bool = False) -> str:
     """Ranked candidates: passing ones by p50 at the first batch size, then failed and skipped ones."""
     sizes = report["batch_sizes"]
-    head = ["rank", "runtime", "artifact", "precision", "settings"] + [h for b in sizes for h in (f"b{b} p50 ms", f"b{b} vs eager")] + [
+    head = ["rank", "runtime", "artifact", "precision", "settings"] + [
+        h for b in sizes for h in (f"b{b} p50 ms", f"b{b} vs eager", f"b{b} ratio spread")] + [
         "accuracy", "change (pt)", "result"]
     passed = sorted((r for r in report["candidates"] if r["status"] == "passed"), key=lambda r: r[f"b{sizes[0]}"]["p50_ms"])
     others = [r for r in report["candidates"] if r["status"] != "passed"]
@@ -336,14 +382,17 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
         cells = [str(i) if r["status"] == "passed" else "-", r["runtime"], r["artifact"], r["precision"], r.get("settings", "")]
         for b in sizes:
             stats = r.get(f"b{b}")
-            cells += [f"{stats['p50_ms']:.2f}", f"{stats.get('speedup_vs_eager', 0):.2f}x"] if stats else ["-", "-"]
+            spread = stats.get("speedup_spread") if stats else None
+            cells += [f"{stats['p50_ms']:.2f}", f"{stats.get('speedup_vs_eager', 0):.2f}x",
+                      f"{100 * spread:.1f}%" if spread is not None else "-"] if stats else ["-", "-", "-"]
         cells += [f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-",
                   f"{r['accuracy_change_points']:+.2f}" if r.get("accuracy_change_points") is not None else "-",
                   "pass" if r["status"] == "passed" else (f"FAIL: {', '.join(r['failed_metrics'])}"
                                                            if r["status"] == "failed verification" else f"skipped: {r['reason']}")]
         body.append(cells)
     rec = report["recommended"]
-    against = [f"{rec[key]:.2f}x {name}" for key, name in (
+    spread = f" (spread {100 * rec['speedup_vs_eager_spread']:.1f}% over rounds)" if rec.get("speedup_vs_eager_spread") else ""
+    against = [f"{rec[key]:.2f}x {name}{spread if key == 'speedup_vs_eager' else ''}" for key, name in (
         ("speedup_vs_eager", "eager fp32"), ("speedup_vs_onnxruntime_default", "onnxruntime's default (model.onnx, graph all)"),
         ("speedup_vs_openvino_default", "OpenVINO's default (model.onnx, f32)")) if rec.get(key)]
     footer = (f"recommended: {rec['runtime']} on {rec['artifact']} ({rec['settings']}): p50 {rec['p50_ms']:.2f} ms at batch "
@@ -356,7 +405,8 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
                  f"{report['threads']} threads; torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, openvino {v.get('openvino')}.",
                  f"Verified on {report['holdout_images']} held-out labelled images ({report['holdout']}); int8 calibrated on "
                  f"{report['calibration_images']} images of {report['calibration']}; max accuracy drop "
-                 f"{report['max_accuracy_drop_points']} pt. Latency: p50 per call; `vs eager` is eager fp32 p50 / this p50.", ""]
+                 f"{report['max_accuracy_drop_points']} pt. Latency: p50 per call; `vs eager` is eager fp32 p50 / this p50; "
+                 f"`ratio spread` is (max - min) / median of that ratio over the {report.get('rounds', 1)} interleaved rounds.", ""]
         lines = title + [render(head, body, "markdown")]
         return "\n".join(lines) + f"\n\n**{footer}**"
     return render(head, body) + "\n" + footer

@@ -53,9 +53,15 @@ def _onnx(*precisions: str, plain: bool = False, any_size: bool = True) -> Accep
 
 
 def _openvino_files(*precisions: str, any_size: bool = True) -> Accepts:
-    """What OpenVINO compiles: ONNX files of these precisions (not onnxruntime's optimised graph) and IRs."""
+    """What OpenVINO compiles: ONNX files of these precisions (not onnxruntime's optimised graph, nor its
+    QOperator int8 files, whose QLinearConv OpenVINO's ONNX reader cannot convert) and IRs."""
     onnx = _onnx(*precisions, plain=True, any_size=any_size)
-    return lambda name, entry: onnx(name, entry) or (entry.format == "openvino" and entry.precision in precisions)
+
+    def accepts(name: str, entry: FileEntry) -> bool:
+        if entry.format == "openvino":
+            return entry.precision in precisions
+        return onnx(name, entry) and (entry.get("quantization") or {}).get("format") != "qoperator"
+    return accepts
 
 
 def _format(fmt: str) -> Accepts:
