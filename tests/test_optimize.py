@@ -201,6 +201,41 @@ def test_openvino_runtime_skips_with_a_reason_without_the_extra(tiny_bundle, mon
     assert entries and all(isinstance(e, runners.Skipped) and "not installed" in e.reason for e in entries)
 
 
+def test_without_nncf_the_irs_are_not_built_and_a_line_says_what_to_install(tiny_bundle, tiny_run, tiny_data, tmp_path,
+                                                                          monkeypatch):
+    import builtins
+
+    from toolkit.bundle import Bundle
+    from toolkit.openvino_ir import nncf_problem
+    from toolkit.optimize import build_nncf_irs
+
+    real = builtins.__import__
+
+    def no_nncf(name, *a, **k):
+        if name.split(".")[0] == "nncf":
+            exc = ImportError(name)
+            exc.name = "nncf"
+            raise exc
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_nncf)
+    assert nncf_problem() == "NNCF int8 needs openvino and nncf (nncf is not installed): pip install 'rtk[openvino]'"
+    bundle = Bundle.open(copy_bundle(tiny_bundle, tmp_path / "b"))
+    lines: list[str] = []
+    assert build_nncf_irs(bundle, np.zeros((8, 32, 32, 3), np.uint8), None, lines.append) == []
+    assert lines == ["not built: model.openvino-int8.xml, model.openvino-int8-ac.xml: NNCF int8 needs openvino and "
+                     "nncf (nncf is not installed): pip install 'rtk[openvino]'"]
+    assert set(Bundle.open(bundle.root).files) == {"model.onnx"}
+    if HAS_OPENVINO:  # export writes the fp32 IR and says why the int8 one is missing
+        result = rtk("export", tiny_run / "checkpoint.pt", "--output", tmp_path / "e", "--format", "onnx", "--format",
+                     "openvino", "--precision", "fp32", "--precision", "int8", "--calibration-data", tiny_data / "train",
+                     "--no-verify", "--no-any-size")
+        assert result.exit_code == 0, result.output
+        assert ("model.openvino-int8.xml not written: NNCF int8 needs openvino and nncf (nncf is not installed): "
+                "pip install 'rtk[openvino]'") in result.output
+        assert (tmp_path / "e" / "model.openvino.xml").is_file() and not (tmp_path / "e" / "model.openvino-int8.xml").exists()
+
+
 @pytest.mark.skipif(not HAS_OPENVINO, reason="the openvino extra is not installed")
 def test_openvino_takes_part_in_verify_and_benchmark(tiny_bundle, tiny_data, tmp_path):
     result = rtk("verify", tiny_bundle, "--images", tiny_data / "val", "--runtime", "openvino", "--json", tmp_path / "v.json")
