@@ -137,9 +137,13 @@ def test_interleaved_rounds_time_every_runtime_in_each_round(tiny_bundle, tmp_pa
     for r in rows:
         assert r["rounds"] == 3 and len(r["round_p50_ms"]) == 3 and r["iterations"] >= 9
     ort = [r for r in rows if r["runtime"] == "ort-cpu"]
-    for r in ort:  # the ratio is taken round by round, and its spread kept
-        assert len(r["speedup_rounds"]) == 3 and r["speedup_spread"] >= 0
-        assert min(r["speedup_rounds"]) <= r["speedup_vs_eager"] <= max(r["speedup_rounds"])
+    eager = {r["batch_size"]: r for r in rows if r["runtime"] == "eager"}
+    for r in ort:  # the ratio is taken round by round (eager's round p50 / this round's), and its spread kept
+        expected = np.asarray(eager[r["batch_size"]]["round_p50_ms"]) / np.asarray(r["round_p50_ms"])
+        assert np.allclose(r["speedup_rounds"], expected)
+        assert r["speedup_spread"] == pytest.approx((expected.max() - expected.min()) / np.median(expected))
+        # (the pooled ratio is the pooled p50s', which need not lie inside the rounds' range)
+        assert r["speedup_vs_eager"] == pytest.approx(eager[r["batch_size"]]["p50_ms"] / r["p50_ms"])
     sequential = rtk("benchmark", bundle, "--runtime", "ort-cpu", "--batch-size", "1", "--warmup", "1", "--iterations", "3",
                      "--min-seconds", "0", "--sequential", "--json", tmp_path / "s.json")
     assert sequential.exit_code == 0, sequential.output
