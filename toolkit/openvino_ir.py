@@ -77,7 +77,7 @@ def write_int8(onnx_path: Path, xml: Path, crops: np.ndarray, meta: dict[str, st
     """NNCF post-training quantisation (its CPU default: symmetric int8 weights and activations) calibrated on
     `crops`. With `control`, `nncf.quantize_with_accuracy_control` instead: it measures top-1 on the held-out
     images and returns layers to fp32, the most harmful first, until the drop is within the bound.
-    Returns what was done: images used, quantised tensors, and the accuracy control's own figures."""
+    Returns what was done: images used, int8 layers out of all, and the accuracy control's own figures."""
     problem = nncf_problem()
     if problem:
         raise RtkError(problem)
@@ -92,31 +92,26 @@ def write_int8(onnx_path: Path, xml: Path, crops: np.ndarray, meta: dict[str, st
     else:
         if len(control.images) != len(control.labels) or not len(control.images):
             raise RtkError("accuracy control needs held-out images with one label each")
-        accuracy = _top1_validator()
         items = [(control.images[i : i + 1], int(control.labels[i])) for i in range(len(control.images))]
         quantized = nncf.quantize_with_accuracy_control(
-            model, dataset, nncf.Dataset(items, lambda item: item[0]), accuracy,
+            model, dataset, nncf.Dataset(items, lambda item: item[0]), _top1,
             max_drop=control.max_drop_points / 100, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(crops))
         core = ov.Core()
         info["accuracy_control"] = {
             "holdout_images": len(items), "max_drop_points": control.max_drop_points,
-            "fp32_top1": accuracy(core.compile_model(model, "CPU"), items)[0],
-            "int8_top1": accuracy(core.compile_model(quantized, "CPU"), items)[0]}
+            "fp32_top1": _top1(core.compile_model(model, "CPU"), items)[0],
+            "int8_top1": _top1(core.compile_model(quantized, "CPU"), items)[0]}
     info["int8_layers"], info["layers"] = int8_layers(quantized)
     _save(quantized, xml, meta)
     return info
 
 
-def _top1_validator():
+def _top1(compiled_model, items) -> tuple[float, list[float]]:
     """NNCF's validation function: top-1 accuracy over (image, label) items, with each item's hit (1.0 or 0.0)
     so NNCF can rank layers without calling it once per item."""
-
-    def validate(compiled_model, items) -> tuple[float, list[float]]:
-        output = compiled_model.outputs[0]
-        hits = [float(np.argmax(compiled_model(image)[output]) == label) for image, label in items]
-        return (sum(hits) / len(hits) if hits else 0.0), hits
-
-    return validate
+    output = compiled_model.outputs[0]
+    hits = [float(np.argmax(compiled_model(image)[output]) == label) for image, label in items]
+    return (sum(hits) / len(hits) if hits else 0.0), hits
 
 
 def metadata(xml: Path) -> dict[str, str]:

@@ -4,8 +4,8 @@ Candidates: every CPU runtime on every ONNX/torch artifact (eager, eager-bf16, T
 torch.export, onnxruntime at several graph-optimisation levels, OpenVINO f32/bf16/int8), onnxruntime
 int8 variants (calibration method, signed/unsigned activations and weights, 7-bit weights, per-channel
 or per-tensor weights, QDQ or QOperator format), NNCF's int8 OpenVINO IRs (plain, and with accuracy
-control against the held-out images) and onnxruntime's saved optimised graph. Each candidate is verified against the eager model on
-held-out labelled images; only those that pass are benchmarked; the fastest passing one is
+control against the held-out images) and onnxruntime's saved optimised graph. Each candidate is
+verified against the eager model on held-out labelled images; only those that pass are benchmarked; the fastest passing one is
 written to the manifest as `recommended`. A candidate that fails verification is never
 recommended, whatever its speed.
 """
