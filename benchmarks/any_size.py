@@ -96,7 +96,7 @@ def main() -> None:
     tag = args.tag or cpu.tag
     bundle = Path(args.bundle)
     lines = [f"# model.any-size.onnx: resize and center crop inside the graph ({bundle.name})", "",
-             f"CPU: {cpu.model} ({cpu.usable_cpus} usable CPUs). `python benchmarks/any_size.py {args.bundle}"
+             f"CPU: {cpu.name} ({cpu.usable_cpus} usable CPUs). `python benchmarks/any_size.py {args.bundle}"
              + (f" --val {args.val}" if args.val else "") + "`.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

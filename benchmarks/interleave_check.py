@@ -76,7 +76,7 @@ def main() -> None:
                          ", ".join(f"{x:.2f}" for x in r)])
             print(rows[-1], flush=True)
     md = [f"# Ratio stability: ort-cpu / eager p50 at batch 1, {args.repeats} runs per mode",
-          "", f"CPU: {cpu.model} ({cpu.usable_cpus} usable CPUs); bundle {Path(args.bundle).name}; {args.threads} thread(s); "
+          "", f"CPU: {cpu.name} ({cpu.usable_cpus} usable CPUs); bundle {Path(args.bundle).name}; {args.threads} thread(s); "
           f"{args.min_seconds:g} s of timing per runtime per run. `python benchmarks/interleave_check.py {args.bundle} --threads {args.threads}`. "
           "The noisy neighbour burns one CPU in bursts of 0.2-2 s with 0.2-2 s pauses.", "",
           render(["host", "timing", "median ratio", "range", "spread (max-min)/median", "each run"], rows, "markdown")]

@@ -4,14 +4,14 @@
 # batch 1 and 8 (every candidate verified on the 359 held-out images, timed in interleaved rounds), then the
 # CPU's matmul peak and OpenVINO's benchmark_app on the same files (benchmarks/cpu_peak.py).
 # Usage: bash benchmarks/optimize_table.sh   (from the repo root, after `make install`)
-#        ARCHS=resnet50 TAG=epyc-2cpu bash benchmarks/optimize_table.sh
+#        ARCHS=resnet50 TAG=epyc-zen5-2cpu bash benchmarks/optimize_table.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RTK=${RTK:-.venv/bin/rtk}
 PY=${PY:-.venv/bin/python}
 WORK=${WORK:-artifacts/bench}
 RESULTS=${RESULTS:-benchmarks/results}
-TAG=${TAG:-$(hostname -s)}
+TAG=${TAG:-$($PY -c "from toolkit.hardware import cpu_info; print(cpu_info().tag)")}
 ARCHS=${ARCHS:-resnet50 resnet18}
 mkdir -p "$WORK" "$RESULTS"
 [ -d "$WORK/digits" ] || $RTK data digits "$WORK/digits" --size 256

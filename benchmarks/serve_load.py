@@ -220,7 +220,7 @@ def main() -> None:
              f"{r['p99_ms']:.1f}", f"{r['mean_batch']:.2f}"] for name, r in (("batching off", off_), ("batching on", on_))]
     o = report["overload"]
     md = [f"# rtk serve under load: {Path(args.bundle).name}, {s} px",
-          "", f"CPU: {cpu.model} ({cpu.usable_cpus} usable CPUs, AVX-512 {cpu.avx512}, AMX {cpu.amx}); "
+          "", f"CPU: {cpu.name} ({cpu.usable_cpus} usable CPUs, AVX-512 {cpu.avx512}, AMX {cpu.amx}); "
           f"{args.threads} inference threads; {args.clients} concurrent batch-1 clients for {args.seconds:g} s each; "
           f"server and clients on the same machine (127.0.0.1). `python benchmarks/serve_load.py {args.bundle}`.", "",
           render(["server", "requests", "errors", "img/s", "p50 ms", "p90 ms", "p99 ms", "mean batch"], rows, "markdown"), "",

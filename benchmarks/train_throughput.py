@@ -61,7 +61,7 @@ def main() -> None:
         print(f"{arch}: fp32 {base:.1f} img/s, auto ({precision}, channels_last) {fast:.1f} img/s, {fast / base:.2f}x", flush=True)
     cpu = cpu_info()
     lines = [f"# Training throughput, {args.image_size} px, batch {args.batch_size}", "",
-             f"CPU: {cpu.model}, {cpu.usable_cpus} usable CPUs, AMX {cpu.amx}, AVX512-BF16 {cpu.avx512_bf16}; "
+             f"CPU: {cpu.name}, {cpu.usable_cpus} usable CPUs, AMX {cpu.amx}, AVX512-BF16 {cpu.avx512_bf16}; "
              f"torch {torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up.", "",
              "Command: `python benchmarks/train_throughput.py`", "",
              "| arch | fp32 NCHW img/s | auto precision | auto + channels_last img/s | speedup |", "|---|---|---|---|---|"]

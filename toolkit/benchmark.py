@@ -313,7 +313,7 @@ def write_outputs(report: dict[str, Any], json_path=None, csv_path=None, markdow
         write_text(csv_path, table(report, "csv") + "\n")
     if markdown_path:
         env = report["environment"]
-        header = (f"# {report['arch']} at {report['image_size']} px\n\nCPU: {env['cpu']['model']} "
+        header = (f"# {report['arch']} at {report['image_size']} px\n\nCPU: {env['cpu']['name']} "
                   f"({env['cpu']['usable_cpus']} usable CPUs, AMX {env['cpu']['amx']}); GPU: "
                   f"{env['cuda'].get('name', 'none')}; threads {env['threads']['requested']}; torch "
                   f"{env['versions']['torch']}, onnxruntime {env['versions']['onnxruntime']}\n\n")

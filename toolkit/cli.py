@@ -93,7 +93,7 @@ def doctor(as_json: bool) -> None:
         click.echo("CUDA: " + (f"{cuda['name']} (capability {cuda['capability']}, {cuda['memory_gib']} GiB, "
                                f"driver {cuda.get('driver')})" if cuda["available"] else f"not usable ({cuda['reason']})"))
         cpu = report["cpu"]
-        click.echo(f"CPU: {cpu['model']}; {cpu['usable_cpus']} of {cpu['logical_cpus']} CPUs usable; "
+        click.echo(f"CPU: {cpu['name']}; {cpu['usable_cpus']} of {cpu['logical_cpus']} CPUs usable; "
                    f"AVX-512 {_yes(cpu['avx512'])}, AVX512-BF16 {_yes(cpu['avx512_bf16'])}, AMX {_yes(cpu['amx'])}")
         for w in report["warnings"]:
             click.echo(f"warning: {w}")

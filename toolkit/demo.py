@@ -285,7 +285,7 @@ def write_report(out: Path, stages: list[Stage], total_seconds: float) -> Path:
         Section("Predictions on the photos (torch-free runtime)", table=[["image", "top-1", "score", "top-3"]] + [
             [Path(p["source"]).name, p["labels"][0], f"{p['scores'][0]:.3f}", ", ".join(p["labels"])] for p in photo_preds]),
         Section("Environment", table=[["item", "value"]] + [
-            ["CPU", f"{env['cpu']['model']} ({env['cpu']['usable_cpus']} usable of {env['cpu']['logical_cpus']})"],
+            ["CPU", f"{env['cpu']['name']} ({env['cpu']['usable_cpus']} usable of {env['cpu']['logical_cpus']})"],
             ["ISA", ", ".join(k for k in ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx") if env["cpu"].get(k))],
             ["GPU", env["cuda"].get("name") or env["cuda"].get("reason", "")],
             ["onnxruntime providers", ", ".join(env["onnxruntime_providers"])],

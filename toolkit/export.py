@@ -459,7 +459,7 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
             if precision == "int8" and fmt == "onnx":  # which setting, and for which instruction set it was chosen
                 cpu = cpu_info()
                 contract["quantization"] = asdict(int8_recipe_for(cpu))
-                contract["quantized_for"] = {"cpu": cpu.model, "vnni": cpu.vnni, "avx512": cpu.avx512, "amx": cpu.amx}
+                contract["quantized_for"] = {"cpu": cpu.name, "vnni": cpu.vnni, "avx512": cpu.avx512, "amx": cpu.amx}
             files[name] = {
                 "format": fmt, "precision": precision, "sha256": sha256_file(path), "bytes": path.stat().st_size,
                 **contract, "opset": config.opset if fmt == "onnx" else None,

@@ -180,7 +180,7 @@ def build_candidates(bundle: Bundle, crops: np.ndarray, recipes: tuple[QuantReci
         _add_file(bundle, ORT_OPT_FILE, "fp32", {
             "exporter": "onnxruntime ORT_ENABLE_ALL, saved", "seconds": round(time.perf_counter() - start, 3),
             # ORT_ENABLE_ALL lays tensors out for this CPU's vector width: only this kind of CPU should load it.
-            "hardware_specific": {"cpu": cpu.model, "isa": {k: v for k, v in cpu.to_dict().items() if isinstance(v, bool)},
+            "hardware_specific": {"cpu": cpu.name, "isa": {k: v for k, v in cpu.to_dict().items() if isinstance(v, bool)},
                                   "onnxruntime": version_of("onnxruntime") or version_of("onnxruntime-gpu")},
         })
         built.append(ORT_OPT_FILE)
@@ -401,7 +401,7 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
     if markdown:
         v = report.get("versions", {})
         title = [f"# rtk optimize: {report.get('arch', '?')} at {report.get('image_size', '?')} px", "",
-                 f"CPU: {report['cpu']['model']} ({report['cpu']['usable_cpus']} usable CPUs, AMX {report['cpu']['amx']}); "
+                 f"CPU: {report['cpu']['name']} ({report['cpu']['usable_cpus']} usable CPUs, AMX {report['cpu']['amx']}); "
                  f"{report['threads']} threads; torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, openvino {v.get('openvino')}.",
                  f"Verified on {report['holdout_images']} held-out labelled images ({report['holdout']}); int8 calibrated on "
                  f"{report['calibration_images']} images of {report['calibration']}; max accuracy drop "
