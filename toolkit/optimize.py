@@ -104,13 +104,16 @@ def build_nncf_irs(bundle: Bundle, crops: np.ndarray, control, echo) -> list[str
         echo(f"built {IR_INT8} (NNCF post-training int8, OpenVINO IR)")
     if IR_INT8_AC not in bundle.files:
         plain = _int8_layers(bundle.path(IR_INT8))
-        # nothing returned to fp32 means the plain file again: no new candidate
+
+        def returned_layers(info: dict[str, Any]) -> bool:  # none returned to fp32: the plain file again
+            return info["int8_layers"] < plain
+
         info = _write_ir(bundle, IR_INT8_AC, crops, control, "OpenVINO read_model + NNCF quantize_with_accuracy_control",
-                         keep=lambda info: info["int8_layers"] < plain)
+                         keep=returned_layers)
         ac = info["accuracy_control"]
         figures = (f"held-out top-1 fp32 {100 * ac['fp32_top1']:.2f}%, int8 {100 * ac['int8_top1']:.2f}%, "
                    f"{info['int8_layers']} of {info['layers']} layers int8 (plain int8: {plain})")
-        if info["int8_layers"] < plain:
+        if returned_layers(info):
             built.append(IR_INT8_AC)
             echo(f"built {IR_INT8_AC} (NNCF int8 with accuracy control: {figures})")
         else:
@@ -321,9 +324,10 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
     if not ranked:
         raise RtkError("no candidate passed verification: nothing to recommend")
     best = ranked[0]
+    cpu = cpu_info().to_dict()
     recommended = {"runtime": best["runtime"], "artifact": best["artifact"], "precision": best["precision"],
                    "device": "cpu", "threads": threads, "settings": best["settings"], "session": best.get("session"),
-                   "cpu": cpu_info().to_dict(),  # what it was chosen for: another CPU should run optimize again
+                   "cpu": cpu,  # what it was chosen for: another CPU should run optimize again
                    "speedup_vs_onnxruntime_default": best[f"b{first}"].get("speedup_vs_onnxruntime_default"),
                    "speedup_vs_openvino_default": best[f"b{first}"].get("speedup_vs_openvino_default"), "batch_size": first,
                    "p50_ms": best[f"b{first}"]["p50_ms"], "speedup_vs_eager": best[f"b{first}"].get("speedup_vs_eager"),
@@ -335,7 +339,7 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
               "versions": {**library_versions(), "openvino": version_of("openvino")},
               "holdout": str(holdout_dir), "holdout_images": len(holdout.crops), "calibration": str(calib_dir),
               "calibration_images": len(crops), "max_accuracy_drop_points": config.max_accuracy_drop,
-              "batch_sizes": list(config.batch_sizes), "threads": threads, "cpu": cpu_info().to_dict(),
+              "batch_sizes": list(config.batch_sizes), "threads": threads, "cpu": cpu,
               "rounds": config.rounds,
               "ranking": [f"{r['runtime']}:{r['artifact']}:{r['settings']}" for r in ranked],
               "candidates": rows, "recommended": recommended}
