@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -92,3 +94,35 @@ def check_writable_file(path: str | os.PathLike | None) -> None:
 
         raise RtkError(f"{path} is a folder; give a file path")
     check_writable_dir(path.parent)
+
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str, wait_s: float = 60.0) -> Iterator[None]:
+    """Hold an exclusive advisory lock (flock) on the folder itself while `what` writes in it.
+
+    Two rtk commands writing one folder (two exports into one parent, verify's write-back beside
+    optimize) take turns instead of silently overwriting each other. The lock is on the folder's own
+    descriptor, so no lock file is added to a bundle (a signed bundle's file list stays the same).
+    """
+    from toolkit.errors import RtkError
+
+    folder = Path(folder)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RtkError(f"{folder} is being written by another rtk command; {what} waited "
+                                   f"{wait_s:g} s for it: try again when it has finished") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
