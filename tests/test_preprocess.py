@@ -85,3 +85,22 @@ def test_spec_validation():
         PreprocessSpec(interpolation="cubic-ish")
     spec = PreprocessSpec(40, 32)
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("size,mode", [((900, 23), "RGB"), ((17, 700), "RGB"), ((301, 123), "I;16"), ((64, 48), "LA")])
+def test_byte_identical_on_elongated_and_deep_pngs(tmp_path, size, mode):
+    rng = np.random.default_rng(1)
+    w, h = size
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    else:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+    path = tmp_path / "x.png"
+    img.save(path)
+    for spec in (PreprocessSpec(40, 32), PreprocessSpec(24, 20, interpolation="bicubic")):
+        assert np.array_equal(crop_array(path, spec), torchvision_crop(path, spec)), (size, mode, spec)
+
+
+def test_resize_shorter_refuses_to_build_an_unbounded_image():
+    with pytest.raises(RtkError, match="needs more than"):
+        resize_shorter(Image.new("RGB", (1_000_000, 1)), 256)

@@ -28,7 +28,7 @@ pytest.importorskip("fastapi", reason="the serve tests need the serve extra")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from toolkit.runtime import Classifier  # noqa: E402
-from toolkit.server import ServeConfig, create_app, model_info  # noqa: E402
+from toolkit.server import ServeConfig, create_app, model_info, uvicorn_config  # noqa: E402
 
 
 def free_port() -> int:
@@ -49,7 +49,7 @@ def running(bundle: Path, slow_s: float = 0.0, self_test: bool = True, **options
         clf.backend.run = lambda x: (time.sleep(slow_s), run(x))[1]
     info = model_info(clf, str(bundle), config.name, config.max_batch_size)
     app = create_app(clf, config, info, self_test=self_test)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="error"))
+    server = uvicorn.Server(uvicorn_config(app, config, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -16,13 +16,14 @@ from torch import nn
 
 from toolkit.env import library_versions
 from toolkit.errors import RtkError
-from toolkit.fileio import atomic_write, sha256_file
+from toolkit.fileio import atomic_path, sha256_file, writer_file
 from toolkit.manifest import Manifest
 from toolkit.models import CHECKPOINT_FORMAT, build, check_arch, read_state_dict, torch_load
 from toolkit.preprocess import PreprocessSpec
 
 FORMAT = CHECKPOINT_FORMAT
 VERSION = 1
+RUN_FILES = ("checkpoint.pt", "last.pt", "history.csv", "metrics.json")  # what `rtk train` writes in its folder
 
 
 def make_checkpoint(model: nn.Module, arch: str, classes: list[str] | tuple[str, ...], preprocess: PreprocessSpec,
@@ -44,7 +45,9 @@ def make_checkpoint(model: nn.Module, arch: str, classes: list[str] | tuple[str,
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    """Write atomically, through a Python file object: a full disk is an OSError naming `path`."""
+    with atomic_path(path) as tmp, writer_file(tmp) as fh:
+        torch.save(ckpt, fh)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

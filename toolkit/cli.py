@@ -48,7 +48,7 @@ class RtkGroup(click.Group):
 
 # Errors of the machine or the user's paths (permission, no space, missing file): one line naming the path.
 USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
-                  errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
+                  errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EFBIG}
 
 # A missing optional library -> the extra that installs it (the serving install has no training stack).
 EXTRA_OF_MODULE = {
@@ -403,6 +403,21 @@ def predict_cmd(bundle: Path, images: tuple[Path, ...], top_k: int, batch_size: 
 @click.option("--max-body-mb", default=32.0, show_default=True, help="Largest request body.")
 @click.option("--token-env", default="RTK_SERVE_TOKEN", show_default=True,
               help="Environment variable holding a bearer token; when set, every endpoint but liveness needs it.")
+@click.option("--metrics-token-env", default=None,
+              help="Environment variable holding the bearer token /metrics needs [none: /metrics is open].")
+@click.option("--max-images", default=64, show_default=True, help="Images in one /classify request at most.")
+@click.option("--max-json-mb", default=8.0, show_default=True,
+              help="Largest JSON part of an /infer request (send big tensors as binary data).")
+@click.option("--max-inflight-mb", default=256.0, show_default=True,
+              help="Request bodies held in memory at once, all clients together; beyond it 503.")
+@click.option("--max-connections", default=256, show_default=True,
+              help="Open connections at most; the longest-idle one is closed to make room.")
+@click.option("--max-header-kb", default=64, show_default=True, help="Request line and headers at most.")
+@click.option("--header-timeout-s", default=10.0, show_default=True,
+              help="A connection must send a whole request head within this time, else it is closed.")
+@click.option("--body-timeout-s", default=60.0, show_default=True,
+              help="A request body must arrive within this time, else 400 and the connection is closed.")
+@click.option("--keep-alive-s", default=5.0, show_default=True, help="Idle keep-alive connections are closed after.")
 def serve_cmd(bundle: Path, **options) -> None:
     """Serve BUNDLE over the Open Inference Protocol (KServe v2 / Triton HTTP): /v2/models/NAME/infer,
     /v2/models/NAME/classify for encoded images, /metrics. Stops cleanly on SIGTERM."""

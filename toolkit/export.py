@@ -1,7 +1,9 @@
 """Export stage: TorchScript, torch.export and ONNX (fp32, fp16, int8) bundles with preprocessing in the graph.
 
 Every file is written into a staging folder that replaces the bundle folder only once every file
-was written and checked, so a failure never leaves a half-written bundle.
+was written and checked, so a failure never leaves a half-written bundle. Every file goes through a
+Python file object (a full disk is an OSError naming the file, never an abort of the process), and
+the output may not be, hold or lie inside what the export reads (checkpoint, run, calibration images).
 """
 
 from __future__ import annotations
@@ -22,10 +24,21 @@ import torch
 
 from toolkit import __version__
 from toolkit.bundle import ANY_SIZE, ANY_SIZE_FILE, FORMATS, LABELS, MANIFEST, PRECISIONS, SELFTEST, file_name
-from toolkit.checkpoint import ModelSource, load_source
+from toolkit.checkpoint import RUN_FILES, ModelSource, load_source
 from toolkit.env import library_versions
 from toolkit.errors import RtkError
-from toolkit.fileio import check_writable_dir, sha256_file, write_json, write_text
+from toolkit.fileio import (
+    check_replaceable,
+    check_writable_dir,
+    install_folder,
+    library_writes,
+    naming,
+    refuse_overlap,
+    sha256_file,
+    write_json,
+    write_text,
+    writer_file,
+)
 from toolkit.graph import AnySizeClassifier, ImageClassifier
 from toolkit.hardware import cpu_info
 from toolkit.preprocess import crop_array, list_images
@@ -281,13 +294,15 @@ def write_torchscript(module: ImageClassifier, example: torch.Tensor, path: Path
     # with it on, the file would run TF32 convolutions on a GPU whatever the caller sets, and miss fp32 parity.
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
         traced = torch.jit.trace(module, example, check_inputs=[(example[:1],)])
-    torch.jit.save(traced, str(path), _extra_files={f"{k}.txt": v for k, v in meta.items()})
+    with open(path, "wb") as fh:  # given a path, torch.jit.save writes in C++ and aborts on a full disk
+        torch.jit.save(traced, fh, _extra_files={f"{k}.txt": v for k, v in meta.items()})
 
 
 def write_pt2(module: ImageClassifier, example: torch.Tensor, path: Path, meta: dict[str, str]) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(module, (example,), dynamic_shapes={"image": {0: batch}})
-    torch.export.save(program, str(path), extra_files={f"{k}.txt": v for k, v in meta.items()})
+    with writer_file(path) as fh:  # torch.export.save aborts on a full disk, given a path or a plain file
+        torch.export.save(program, fh, extra_files={f"{k}.txt": v for k, v in meta.items()})
 
 
 # ---------------------------------------------------------------- checks
@@ -373,25 +388,29 @@ def check_dynamic_batch(path: Path, fmt: str, spec, num_classes: int, softmax: b
 # ---------------------------------------------------------------- the stage
 
 
+def _sources(checkpoint: str | Path | None, arch: str | None, weights: str | None,
+             calibration_data: str | None) -> list[tuple[str, Path]]:
+    """What the export reads, named for the refusal of an output that would replace or change it."""
+    sources: list[tuple[str, Path]] = []
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        sources.append(("the checkpoint", path))
+        if any((path.parent / name).is_file() for name in RUN_FILES if name != path.name):
+            sources.append(("its training run", path.parent))  # last.pt, history.csv ... beside it
+    elif arch is not None and weights is not None and weights.lower() != "none":
+        from toolkit.models import cached_weights_path, pretrained_weights
+
+        sources.append(("the pretrained weights", cached_weights_path(pretrained_weights(arch, weights))))
+    if calibration_data:
+        sources.append(("the calibration images", Path(calibration_data)))
+    return sources
+
+
 def _prepare_output(output: Path, force: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise RtkError(f"{output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise RtkError(f"{output} is not empty; pass --force to replace it")
+    """Fail before the work on an output that needs --force; `install_folder` checks again, under the lock."""
+    check_replaceable(output, force)
     # the bundle is staged beside its final place, then moved there
     check_writable_dir(output.parent if output.exists() else output)
-
-
-def _install(staging: Path, output: Path) -> None:
-    """Move the finished staging folder into place, replacing an old bundle only now."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{time.time_ns()}")
-        output.rename(old)
-    staging.chmod(0o755)  # mkdtemp makes it 0700
-    staging.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Path | None = None, arch: str | None = None,
@@ -399,6 +418,7 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
                   echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Write a bundle to `output` and return its manifest. Verification (on by default) follows."""
     output = Path(output)
+    refuse_overlap(output, _sources(checkpoint, arch, weights, config.calibration_data), "rtk export")
     _prepare_output(output, config.force)
     model, source = load_source(checkpoint, arch, weights, num_classes, image_size)
     spec = source.preprocess
@@ -427,13 +447,13 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
         if "openvino" in config.formats:
             from toolkit import openvino_ir
 
-            jobs.append((openvino_ir.IR_FP32, "openvino", "fp32", lambda p, m: openvino_ir.write_fp32(onnx_fp32, p, m)))
+            jobs.append((openvino_ir.IR_FP32, "openvino", "fp32", lambda p, m: _openvino(openvino_ir.write_fp32, onnx_fp32, p, m)))
             if "int8" in config.precisions:
                 if openvino_ir.nncf_problem():
                     echo(f"{openvino_ir.IR_INT8} not written: {openvino_ir.nncf_problem()}")
                 else:
                     jobs.append((openvino_ir.IR_INT8, "openvino", "int8",
-                                 lambda p, m: openvino_ir.write_int8(onnx_fp32, p, crops, m)))
+                                 lambda p, m: _openvino(openvino_ir.write_int8, onnx_fp32, p, crops, m)))
         if "torchscript" in config.formats:
             jobs.append((file_name("torchscript"), "torchscript", "fp32", lambda p, m: write_torchscript(module, example, p, m)))
         if "pt2" in config.formats:
@@ -441,7 +461,7 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
         for name, fmt, precision, write in jobs:
             path = staging / name
             start = time.perf_counter()
-            with torch.inference_mode(False), torch.no_grad():
+            with naming(output / name), torch.inference_mode(False), torch.no_grad():
                 write(path, metadata(source, precision, config.softmax))
             seconds = time.perf_counter() - start
             contract = check_onnx(path) if fmt == "onnx" else {
@@ -470,7 +490,8 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
                 "seconds": round(seconds, 3),
             }
             echo(f"wrote {name} ({files[name]['bytes'] / 1e6:.1f} MB, {seconds:.1f}s); batches {CHECK_BATCHES} ran")
-        selftest = _selftest(module, staging, files, spec, crops, config.seed)
+        with naming(output / SELFTEST):
+            selftest = _selftest(module, staging, files, spec, crops, config.seed)
         write_text(staging / LABELS, "\n".join(source.classes) + "\n")
         manifest = {
             "format": "rtk-bundle", "version": 1, "toolkit_version": __version__,
@@ -481,11 +502,17 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
             "calibration": {"folder": str(config.calibration_data), "images": int(len(crops))} if crops is not None else None,
         }
         write_json(staging / MANIFEST, manifest)
-        _install(staging, output)
+        install_folder(staging, output, config.force, "rtk export")
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _openvino(write: Callable[..., Any], onnx_path: Path, xml: Path, *args: Any) -> None:
+    """OpenVINO's save_model writes in C++ and takes no file object: its failure is turned into one line."""
+    with library_writes(xml):
+        write(onnx_path, xml, *args)
 
 
 def _selftest(module: ImageClassifier, folder: Path, files: dict[str, Any], spec, crops: np.ndarray | None,

@@ -26,7 +26,7 @@ from toolkit.bundle import Bundle
 from toolkit.env import cpu_info, usable_cpus, version_of
 from toolkit.errors import RtkError
 from toolkit.export import QuantRecipe, calibration_crops, metadata, write_int8
-from toolkit.fileio import atomic_path, sha256_file
+from toolkit.fileio import atomic_path, folder_lock, library_writes, sha256_file
 from toolkit.manifest import FileEntry
 from toolkit.runners.torch_runner import keeps_torch_threads
 from toolkit.sessions import SessionSettings, open_onnxruntime, open_openvino
@@ -45,6 +45,9 @@ DEFAULT_RECIPES = (
     QuantRecipe(format="qoperator", weights="u8", per_channel=False),  # its only u8-weight convolutions
 )
 ORT_OPT_FILE = "model.ort-opt.onnx"
+# Each file is swapped into the bundle under its folder_lock (the lock Bundle.update merges the manifest
+# under), taken only around the swap: never around Bundle.update, which takes it itself.
+LOCK = "rtk optimize"
 EXTRA_ORT_LEVELS = ("basic", "extended")  # beside the default "all", on model.onnx
 
 
@@ -143,11 +146,14 @@ def _write_ir(bundle: Bundle, name: str, crops: np.ndarray, control, exporter: s
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".rtk-ir-", dir=bundle.root) as staging:
         xml = Path(staging) / name
-        info = write_int8(bundle.path("model.onnx"), xml, crops, metadata(source, "int8", bundle.manifest.softmax), control)
+        with library_writes(bundle.path(name)):  # OpenVINO writes in C++: a full disk is one line naming the file
+            info = write_int8(bundle.path("model.onnx"), xml, crops, metadata(source, "int8", bundle.manifest.softmax),
+                              control)
         if not keep(info):
             return info
-        os.replace(weights_of(xml), weights_of(bundle.path(name)))
-        os.replace(xml, bundle.path(name))
+        with folder_lock(bundle.root, LOCK):
+            os.replace(weights_of(xml), weights_of(bundle.path(name)))
+            os.replace(xml, bundle.path(name))
     _add_file(bundle, name, "int8", {"exporter": exporter, **info, "seconds": round(time.perf_counter() - start, 3),
                                      **entry_extra(bundle.path(name))}, fmt="openvino")
     return info
@@ -167,7 +173,7 @@ def build_candidates(bundle: Bundle, crops: np.ndarray, recipes: tuple[QuantReci
         if name in bundle.files or recipe in present:
             continue
         start = time.perf_counter()
-        with atomic_path(bundle.path(name)) as tmp:
+        with atomic_path(bundle.path(name), lock=LOCK) as tmp:
             used = write_int8(bundle.path("model.onnx"), tmp, crops, metadata(source, "int8", bundle.manifest.softmax),
                               recipe)
         _add_file(bundle, name, "int8", {"exporter": f"onnxruntime quantize_static ({recipe.label})",
@@ -177,7 +183,7 @@ def build_candidates(bundle: Bundle, crops: np.ndarray, recipes: tuple[QuantReci
         echo(f"built {name} ({recipe.label})")
     if ORT_OPT_FILE not in bundle.files:
         start = time.perf_counter()
-        with atomic_path(bundle.path(ORT_OPT_FILE)) as tmp:
+        with atomic_path(bundle.path(ORT_OPT_FILE), lock=LOCK) as tmp:
             open_onnxruntime(bundle.path("model.onnx"), SessionSettings(), optimized_path=str(tmp))
         cpu = cpu_info()
         _add_file(bundle, ORT_OPT_FILE, "fp32", {
@@ -196,12 +202,13 @@ def update_selftest(bundle: Bundle, outputs: dict[str, Any]) -> None:
     from toolkit.bundle import SELFTEST
 
     path = bundle.path(SELFTEST)
-    arrays = _read_selftest(bundle)
-    for key, run in outputs.items():
-        arrays[key] = run(arrays["images"])
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+    with folder_lock(bundle.root, LOCK):  # read, add, write back: no other writer's keys are lost
+        arrays = _read_selftest(bundle)
+        for key, run in outputs.items():
+            arrays[key] = run(arrays["images"])
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
 
 
 def candidates(bundle: Bundle, reference, threads: int):

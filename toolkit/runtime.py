@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.bundle import ANY_SIZE, ANY_SIZE_FILE, MANIFEST, SELFTEST
-from toolkit.errors import CheckFailed, RtkError, RuntimeUnavailable
-from toolkit.manifest import Manifest
-from toolkit.preprocess import DEFAULT_MAX_PIXELS, ImageSource, PreprocessSpec, crop_array, open_image
+from toolkit.bundle import ANY_SIZE, ANY_SIZE_FILE, MANIFEST, SELFTEST, Bundle
+from toolkit.errors import CheckFailed, RtkError, RuntimeUnavailable, first_line
+from toolkit.manifest import preprocess_spec
+from toolkit.preprocess import DEFAULT_MAX_PIXELS, ImageSource, PreprocessSpec, any_size_array, crop_array
 from toolkit.sessions import (
     OpenVinoBackend,
     OrtBackend,
@@ -127,18 +127,17 @@ class Classifier:
                     backend = open_session(model_path, settings)
         except RuntimeUnavailable as exc:
             raise RtkError(str(exc)) from None
-        if "classes" not in meta or "preprocess" not in meta:
-            raise RtkError(f"{model_path} has no rtk metadata (classes, preprocess): export it with rtk export")
-        classes = json.loads(meta["classes"])
-        if width is not None and width != len(classes):
-            raise RtkError(f"{model_path}: {len(classes)} class names for {width} outputs")
+        classes, spec = model_metadata(model_path, meta, width)
+        any_size_file = meta.get("input") == ANY_SIZE
+        if not any_size_file:
+            check_input_shape(model_path, backend, spec)
         precision = meta.get("precision", "fp32")
         if settings.engine == "openvino" and settings.precision_hint == "bf16":
             precision = "bf16"
         if backend.placement_warning():
             warnings.warn(f"{model_path.name}: {backend.placement_warning()}", stacklevel=2)
-        clf = cls(backend, model_path, classes, PreprocessSpec.from_dict(json.loads(meta["preprocess"])), precision, max_pixels)
-        clf.any_size = meta.get("input") == ANY_SIZE
+        clf = cls(backend, model_path, classes, spec, precision, max_pixels)
+        clf.any_size = any_size_file
         if self_test:
             clf.self_test()
         return clf
@@ -157,15 +156,13 @@ class Classifier:
         return self.backend.run(crops)
 
     def self_test(self) -> None:
-        """Run the crops stored at export time; refuse to serve if this hardware gives other outputs."""
+        """Run the crops stored at export time; refuse to serve if this hardware gives other outputs.
+        A corrupt, oversized or mis-shaped selftest.npz is one CheckFailed line."""
         stored = self.path.parent / SELFTEST
         if not stored.is_file():
             raise RtkError(f"no {SELFTEST} beside {self.path.name}: the self-test needs the bundle folder")
         key = self.backend.selftest_key(self.path.name)
-        with np.load(stored) as data:
-            if key not in data:
-                raise RtkError(f"{SELFTEST} has no expected outputs for {key}")
-            images, expected = data["images"], data[key]
+        images, expected = read_selftest(stored, key, self.spec.crop_size, len(self.classes))
         got = self.logits(images)
         tol = SELFTEST_TOLERANCE.get(self.precision, 5e-2) * max(1.0, float(np.abs(expected).max()))
         diff = float(np.abs(got - expected).max())
@@ -208,10 +205,86 @@ class Classifier:
         """What the file takes for one image: the decoded image (any-size files) or its resized crop."""
         if not self.any_size:
             return crop_array(image, self.spec, self.max_pixels)
-        decoded = np.asarray(open_image(image, self.max_pixels))
-        if min(decoded.shape[:2]) < 1:
-            raise RtkError(f"image {_name(image, 0)} has a zero-sized side {decoded.shape[:2]}")
-        return decoded
+        return any_size_array(image, self.spec, self.max_pixels)
+
+
+SELFTEST_MAX_BYTES = 64 << 20  # a few crops and their logits: far below this for any ResNet
+
+
+def read_selftest(path: Path, key: str, crop: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """`images` (uint8 [N, crop, crop, 3]) and the expected logits `key` (float [N, width]) of a
+    selftest.npz, its members' declared sizes checked before anything is decompressed (no npz bomb)
+    and pickled objects refused."""
+    import zipfile
+
+    if path.is_symlink():
+        raise CheckFailed(f"{path} is a symlink: the self-test reads only a plain file of the bundle")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+            arrays = sum(_npy_bytes(archive, info) for info in archive.infolist())
+        if max(declared, arrays) > SELFTEST_MAX_BYTES:
+            raise CheckFailed(f"{path} declares {max(declared, arrays)} bytes uncompressed, above the self-test's "
+                              f"{SELFTEST_MAX_BYTES}: refused")
+        with np.load(path, allow_pickle=False) as data:
+            if "images" not in data or key not in data:
+                raise CheckFailed(f"{path} has no {'images' if 'images' not in data else f'expected outputs for {key}'}")
+            images, expected = data["images"], data[key]
+    except CheckFailed:
+        raise
+    except Exception as exc:  # not a zip, a truncated member, an object array (pickle), a bad header
+        raise CheckFailed(f"{path} is not a readable self-test file: {first_line(exc)}") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (crop, crop, 3) or not len(images):
+        raise CheckFailed(f"{path}: images are {images.dtype} {images.shape}, the model takes uint8 "
+                          f"[N, {crop}, {crop}, 3]")
+    if expected.dtype.kind != "f" or expected.shape != (len(images), width):
+        raise CheckFailed(f"{path}: {key} is {expected.dtype} {expected.shape}, expected float "
+                          f"[{len(images)}, {width}]")
+    return images, expected
+
+
+def _npy_bytes(archive, info) -> int:
+    """The bytes an .npy member's header says its array holds (read before the array itself)."""
+    from numpy.lib import format as npy
+
+    with archive.open(info) as fh:
+        version = npy.read_magic(fh)
+        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, _, dtype = read(fh, max_header_size=10_000)
+    if dtype.hasobject:
+        raise CheckFailed(f"{info.filename} holds Python objects (a pickle): refused")
+    return int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+
+
+def model_metadata(path: Path, meta: dict[str, str], width: int | None) -> tuple[list[str], PreprocessSpec]:
+    """The class names and preprocessing a model file carries in its metadata, type-checked: anything
+    else (missing, not JSON, sizes as strings, a list for the spec) is one RtkError naming the file."""
+    if "classes" not in meta or "preprocess" not in meta:
+        raise RtkError(f"{path} has no rtk metadata (classes, preprocess): export it with rtk export")
+    classes, spec = _json_metadata(path, meta, "classes"), _json_metadata(path, meta, "preprocess")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise RtkError(f"{path}: its metadata 'classes' must be a non-empty JSON list of names")
+    if width is not None and width != len(classes):
+        raise RtkError(f"{path}: {len(classes)} class names for {width} outputs")
+    return classes, preprocess_spec(spec, f"{path}: its metadata 'preprocess'")
+
+
+def _json_metadata(path: Path, meta: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(meta[key])
+    except (TypeError, ValueError, RecursionError):
+        raise RtkError(f"{path}: its metadata {key!r} is not JSON") from None
+
+
+def check_input_shape(path: Path, backend, spec: PreprocessSpec) -> None:
+    """A crop-input file's fixed input sides are the crop size its metadata states (else every
+    prediction would fail: refused at load instead)."""
+    shape = getattr(backend, "input_shape", None)
+    if not isinstance(shape, list) or len(shape) != 4:
+        return
+    sides = [d for d in shape[1:3] if isinstance(d, int)]
+    if any(side != spec.crop_size for side in sides) or (isinstance(shape[3], int) and shape[3] != 3):
+        raise RtkError(f"{path}: its input is {shape}, but its metadata crops {spec.crop_size} x {spec.crop_size} x 3")
 
 
 def _by_shape(run, images: list[np.ndarray]) -> np.ndarray:
@@ -234,12 +307,12 @@ def serving_choice(path: Path, device: str, threads: int | None = None,
     on an engine that is asked for or installed. Anything else serves model.onnx with the defaults
     verify checks (TF32 off), so CUDA never gets a CPU-only file (int8, the CPU-optimised graph).
     """
+    bundle = None
     if path.is_file():
         model_path, recommended = path, {}
     elif path.is_dir():
-        recommended = {}
-        if (path / MANIFEST).is_file():
-            recommended = Manifest.read(path / MANIFEST).recommended or {}
+        bundle = Bundle.open(path)  # a folder is served only as a bundle: every file it serves is listed
+        recommended = bundle.manifest.recommended or {}
         artifact = str(recommended.get("artifact", ""))
         session = recommended.get("session")
         servable = artifact.endswith(".onnx") or (artifact.endswith(".xml") and isinstance(session, dict)
@@ -248,8 +321,8 @@ def serving_choice(path: Path, device: str, threads: int | None = None,
         if not fits or any_size:
             recommended = {}  # an eager/TorchScript or other-device recommendation: serve model.onnx instead
         model_path = path / (ANY_SIZE_FILE if any_size else recommended.get("artifact", "model.onnx"))
-        if not model_path.is_file():
-            raise RtkError(f"{path} has no {model_path.name}")
+        if model_path.name not in bundle.manifest.files:
+            raise RtkError(f"{path} has no {model_path.name} in its {MANIFEST}")
     else:
         raise RtkError(f"no such bundle or ONNX file: {path}")
     settings = SessionSettings.from_dict(recommended["session"]) if recommended else SessionSettings(device=device)
@@ -271,6 +344,8 @@ def serving_choice(path: Path, device: str, threads: int | None = None,
             raise RtkError(f"runtime openvino asked for, but {problem}")
     if threads:
         settings = replace(settings, threads=threads)
+    if bundle is not None:  # what is served is the file the manifest describes (and an IR's .bin with it)
+        bundle.check_file(model_path.name)
     return model_path, settings
 
 

@@ -3,21 +3,27 @@
 REPO/NAME/config.pbtxt + REPO/NAME/1/model.onnx + REPO/NAME/labels.txt (Triton's classification
 extension reads it). Names, dtypes and dims come from the ONNX file itself; every config is parsed
 with Triton's own `ModelConfig` protobuf (shipped by `tritonclient`) and checked against the file.
-Torch-free.
+The model folder is written in a staging folder and swapped in, and may not be, hold or lie inside
+the bundle it is made from. Torch-free.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.bundle import LABELS, Bundle
-from toolkit.errors import RtkError
+from toolkit.errors import ArtifactBroken, RtkError
+from toolkit.fileio import check_replaceable, install_folder, naming, refuse_overlap, sha256_file, write_text
 from toolkit.sessions import SessionSettings, open_onnxruntime
 
 ONNX_TO_TRITON = {"tensor(uint8)": "TYPE_UINT8", "tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16"}
 PREFERRED_BATCH_SIZES = (4, 8, 16, 32, 64)
+# A model name is a folder of the repository and a quoted string in config.pbtxt: no "/", "..", quotes
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ def model_file(bundle: Bundle, device: str) -> tuple[str, bool]:
             name = rec["artifact"]
     if name not in bundle.files:
         raise RtkError(f"{bundle.root} has no {name}: export with --format onnx first")
+    bundle.confined(name, "the model file")  # before it is hashed: no file outside the bundle is read
     bundle.check_file(name)
     openvino = device == "cpu" and str(rec.get("runtime", "")).startswith("openvino") and rec.get("artifact") == name
     return name, openvino
@@ -121,21 +128,46 @@ def validate(text: str, inputs, outputs, max_batch_size: int):
     return parsed
 
 
+def model_name(bundle: Bundle, name: str | None) -> str:
+    """--name, or the bundle folder's name; a plain folder name that is safe in config.pbtxt."""
+    name = name or bundle.root.resolve().name
+    if not MODEL_NAME.fullmatch(name):
+        raise RtkError(f"{name!r} cannot be a Triton model name (a folder of the repository): give --name "
+                       "with letters, digits, '_', '.' and '-'")
+    return name
+
+
 def write_repository(bundle_path: str | Path, config: TritonConfig) -> Path:
     """Write REPO/NAME (config.pbtxt, labels.txt, 1/model.onnx); returns the model folder."""
     bundle = Bundle.open(bundle_path)
-    name = config.name or bundle.root.resolve().name
+    name = model_name(bundle, config.name)
+    folder = Path(config.output) / name
+    refuse_overlap(folder, [("the bundle", bundle.root)], "rtk triton")  # --force would delete it
+    check_replaceable(folder, config.force)
     file, openvino = model_file(bundle, config.device)
+    labels = bundle.labels()  # confined, bounded, equal to the manifest's classes: written, never copied
     inputs, outputs = _io(bundle.path(file))
     text = config_text(name, inputs, outputs, config, openvino)
     validate(text, inputs, outputs, config.max_batch_size)
-    folder = Path(config.output) / name
-    if folder.exists():
-        if not config.force:
-            raise RtkError(f"{folder} exists; pass --force to replace it")
-        shutil.rmtree(folder)
-    (folder / "1").mkdir(parents=True)
-    shutil.copyfile(bundle.path(file), folder / "1" / "model.onnx")
-    shutil.copyfile(bundle.path(LABELS), folder / LABELS)
-    (folder / "config.pbtxt").write_text(text, encoding="utf-8")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=folder.parent))
+    try:
+        _copy_model(bundle, file, staging / "1" / "model.onnx", folder / "1" / "model.onnx")
+        write_text(staging / LABELS, "\n".join(labels) + "\n")
+        write_text(staging / "config.pbtxt", text)
+        install_folder(staging, folder, config.force, "rtk triton")
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _copy_model(bundle: Bundle, file: str, dest: Path, shown: Path) -> None:
+    """Copy the bundle's model file and check the copy's sha256 against the manifest (the file checked
+    before may have been swapped since)."""
+    with naming(shown), open(bundle.confined(file, "the model file"), "rb") as src:
+        dest.parent.mkdir()
+        with open(dest, "wb") as out:  # not shutil.copyfile: its ENOSPC names the source, not the full disk
+            shutil.copyfileobj(src, out, 1 << 20)
+    if sha256_file(dest) != bundle.manifest.files[file].sha256:
+        raise ArtifactBroken(f"{file} in {bundle.root} changed while it was copied: its sha256 differs from the manifest's")

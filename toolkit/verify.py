@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.bundle import Bundle, takes_any_size
-from toolkit.errors import CheckFailed, RtkError, first_line
+from toolkit.errors import ArtifactBroken, CheckFailed, RtkError, first_line
 from toolkit.preprocess import PreprocessSpec, list_images, open_image
 from toolkit.runners.torch_runner import keeps_torch_threads
 
@@ -252,27 +252,32 @@ def run_batched(runner, crops: np.ndarray) -> np.ndarray:
 
 
 def file_classes(path: Path, fmt: str) -> list[str] | None:
-    """The class names stored inside a model file's metadata."""
+    """The class names stored inside a model file's metadata, read without running anything from it:
+    ONNX metadata without its external data, an IR's runtime info, a torch archive's extra/classes.txt
+    straight from the zip (no torch.jit.load / torch.export.load a second time). Unparsable names are
+    ArtifactBroken."""
     if fmt == "onnx":
         import onnx
 
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         raw = props.get("classes")
     elif fmt == "openvino":
-        from toolkit.openvino_ir import classes
+        from toolkit.openvino_ir import metadata
 
-        return classes(path)
+        raw = metadata(path).get("classes")
     else:
-        import torch
+        from toolkit.runners.torch_runner import archive_extra
 
-        extra = {"classes.txt": ""}
-        if fmt == "torchscript":
-            torch.jit.load(str(path), _extra_files=extra)
-        else:
-            torch.export.load(str(path), extra_files=extra)
-        raw = extra["classes.txt"]
-        raw = raw.decode() if isinstance(raw, bytes) else raw
-    return json.loads(raw) if raw else None
+        raw = archive_extra(path, "classes.txt")
+    if not raw:
+        return None
+    try:
+        names = json.loads(raw)
+    except (ValueError, RecursionError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ArtifactBroken(f"{path.name}: its stored classes are not a JSON list of names")
+    return names
 
 
 # ---------------------------------------------------------------- the stage
@@ -357,7 +362,10 @@ def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, ran
             if any_size:
                 entry.details["input"] = "original images at their own sizes, one per call"
             if entry.artifact in bundle.files:
-                stored = file_classes(bundle.path(entry.artifact), bundle.files[entry.artifact].format)
+                try:
+                    stored = file_classes(bundle.path(entry.artifact), bundle.files[entry.artifact].format)
+                except RtkError as exc:
+                    stored, entry.details["error"] = None, first_line(exc)
                 if stored != classes:
                     m["failed_metrics"].append("classes")
                     m["passed"] = False
