@@ -251,6 +251,41 @@ def _readable(sock: socket.socket) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
 
 
+# ---------------------------------------------------------------- 1 and 5: images cost what their crop needs
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def _classify_one(served: Served, body: bytes) -> None:
+    assert len(body) < 2**20  # fits the 1 MB body limit: only decoding can bound what it costs
+    status, _, result = http(f"{served.url}/v2/models/{MODEL}/classify", "POST", body, {"Content-Type": "image/png"})
+    assert status == 200, result[:300]
+    assert len(json.loads(result)["predictions"]) == 1
+
+
+@pytest.mark.parametrize("width", [1_000_000, 3_000_000])
+def test_a_long_thin_png_costs_what_its_crop_needs(small, width):
+    """A PNG of a few KB, WIDTH x 1 pixels (before: the issue measured 5.3 GB for 10^6; with Pillow 13 both
+    widths were a MemoryError and a 500): answered 200, the server's RSS growth under 64 MB, liveness kept."""
+    body = _png(Image.new("RGB", (width, 1), (200, 30, 30)))
+    with watched(small) as watch:
+        _classify_one(small, body)
+    assert_bounded(watch, rss_mb=64)
+
+
+def test_a_sixteen_bit_png_converts_in_integer_arithmetic(small):
+    """A 16-bit 8000 x 8000 greyscale PNG (1.6 GB through float64 before). Its bound is what any 64 MP
+    image costs: the 16-bit decode (128 MB), its 8-bit copy (64 MB) and the RGB image (192 MB); 450 MB."""
+    body = _png(Image.fromarray(np.full((8000, 8000), 40000, np.uint16)))
+    with watched(small) as watch:
+        _classify_one(small, body)
+    assert_bounded(watch, rss_mb=450)
+
+
 # ---------------------------------------------------------------- 6: /classify is capped and batched
 
 
