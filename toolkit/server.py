@@ -18,7 +18,8 @@ Every request is hostile until checked, and every bound is a `rtk serve` option 
 - connections (uvicorn's h11 protocol, which bounds headers where httptools cannot): request line and
   headers at most `--max-header-kb`, the head complete within `--header-timeout-s`, idle keep-alive
   closed after `--keep-alive-s`, at most `--max-connections` open (the longest-idle one makes room for a
-  new one; with none idle the new one is closed);
+  new one, a connection whose request is waiting unread not counting as idle; with none idle the new one
+  is closed);
 - auth by route: with a token set, every route but `/v2/health/live` needs it; `/metrics` needs the token of
   `--metrics-token-env` when one is given. 401 and 404 answers name no model.
 
@@ -823,7 +824,7 @@ def bounded_protocol(config: ServeConfig) -> type:
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._await_head()
-            if sum(not p.transport.is_closing() for p in self.connections) > config.max_connections:
+            if _open(self.connections) > config.max_connections:
                 idle = [p for p in self.connections if p is not self and _idle(p)]
                 min(idle, key=lambda p: p.idle_since, default=self).transport.close()
 
@@ -853,9 +854,28 @@ def bounded_protocol(config: ServeConfig) -> type:
     return BoundedH11Protocol
 
 
+def _open(connections: Any) -> int:
+    return sum(not p.transport.is_closing() for p in connections)
+
+
+def _unread_bytes(protocol: Any) -> int:
+    """Bytes the kernel holds for this connection that the event loop has not read yet (FIONREAD)."""
+    import fcntl
+    import struct
+    import termios
+
+    sock = protocol.transport.get_extra_info("socket")
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    except (OSError, AttributeError, ValueError):
+        return 0
+
+
 def _idle(protocol: Any) -> bool:
-    """Open and between requests (or before the first)."""
-    return not protocol.transport.is_closing() and (protocol.cycle is None or protocol.cycle.response_complete)
+    """Open and between requests (or before the first), with nothing sent that is still unread: the event
+    loop accepts connections in bursts, and a real client accepted in one has its request waiting unread."""
+    return (not protocol.transport.is_closing() and (protocol.cycle is None or protocol.cycle.response_complete)
+            and _unread_bytes(protocol) == 0)
 
 
 def _send_error(protocol: Any, status: int, message: str) -> None:
