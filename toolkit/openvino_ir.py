@@ -8,7 +8,6 @@ int8 also needs nncf (extra `openvino`). No torch.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,8 +130,3 @@ def entry_extra(xml: Path) -> dict[str, Any]:
     """The manifest fields of an IR beside its .xml's hash: the weights file's name, hash and size."""
     weights = weights_of(xml)
     return {"weights": {"file": weights.name, "sha256": sha256_file(weights), "bytes": weights.stat().st_size}}
-
-
-def classes(xml: Path) -> list[str] | None:
-    raw = metadata(xml).get("classes")
-    return json.loads(raw) if raw else None

@@ -50,7 +50,7 @@ from fastapi import Request  # at module level: FastAPI resolves the handlers' a
 from fastapi.responses import JSONResponse, Response
 
 from toolkit import __version__
-from toolkit.errors import RtkError
+from toolkit.errors import RtkError, first_line
 from toolkit.runtime import Classifier, softmax
 
 if TYPE_CHECKING:
@@ -700,11 +700,10 @@ async def _self_test(clf: Classifier) -> tuple[bool, str]:
 
 
 def _first_line(exc: BaseException) -> str:
-    """An exception as one line: its message's first line (the type's name for the unexpected ones)."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    if not isinstance(exc, RtkError):
-        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """An exception as one line, cut at 300 characters; an unexpected one's type goes before its message."""
+    text = first_line(exc)  # the type's name when the message is empty
+    if not isinstance(exc, RtkError) and text != type(exc).__name__:
+        text = f"{type(exc).__name__}: {text}"
     return text[:300]
 
 

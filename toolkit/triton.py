@@ -9,6 +9,7 @@ the bundle it is made from. Torch-free.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from toolkit.bundle import LABELS, Bundle
 from toolkit.errors import ArtifactBroken, RtkError
-from toolkit.fileio import check_replaceable, install_folder, naming, refuse_overlap, sha256_file, write_text
+from toolkit.fileio import check_replaceable, install_folder, naming, refuse_overlap, write_text
 from toolkit.sessions import SessionSettings, open_onnxruntime
 
 ONNX_TO_TRITON = {"tensor(uint8)": "TYPE_UINT8", "tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16"}
@@ -59,8 +60,7 @@ def model_file(bundle: Bundle, device: str) -> tuple[str, bool]:
             name = rec["artifact"]
     if name not in bundle.files:
         raise RtkError(f"{bundle.root} has no {name}: export with --format onnx first")
-    bundle.confined(name, "the model file")  # before it is hashed: no file outside the bundle is read
-    bundle.check_file(name)
+    bundle.check_file(name)  # confined to the bundle before it is hashed: no file outside it is read
     openvino = device == "cpu" and str(rec.get("runtime", "")).startswith("openvino") and rec.get("artifact") == name
     return name, openvino
 
@@ -165,9 +165,12 @@ def write_repository(bundle_path: str | Path, config: TritonConfig) -> Path:
 def _copy_model(bundle: Bundle, file: str, dest: Path, shown: Path) -> None:
     """Copy the bundle's model file and check the copy's sha256 against the manifest (the file checked
     before may have been swapped since)."""
+    digest = hashlib.sha256()
     with naming(shown), open(bundle.confined(file, "the model file"), "rb") as src:
         dest.parent.mkdir()
         with open(dest, "wb") as out:  # not shutil.copyfile: its ENOSPC names the source, not the full disk
-            shutil.copyfileobj(src, out, 1 << 20)
-    if sha256_file(dest) != bundle.manifest.files[file].sha256:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                digest.update(block)  # the bytes written are the bytes hashed: one read
+                out.write(block)
+    if digest.hexdigest() != bundle.manifest.files[file].sha256:
         raise ArtifactBroken(f"{file} in {bundle.root} changed while it was copied: its sha256 differs from the manifest's")
