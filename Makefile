@@ -6,7 +6,7 @@ EXTRAS ?= cpu,dev,demo,openvino
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean triton mutate
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,15 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+# Deliberate bugs in the modules the proof rests on, each run against its tests (not part of `make test`:
+# ~30 min on 2 CPUs); writes benchmarks/results/mutate-<cpu>.md
+mutate: $(STAMP)
+	$(BIN)/python benchmarks/mutate.py
+
+# A CPU Triton Inference Server for tests/test_triton_server.py (artifacts/triton; its tests skip without it)
+triton: $(STAMP)
+	bash .ci/build-triton.sh
 
 demo: $(STAMP)
 	$(BIN)/rtk demo

@@ -103,6 +103,38 @@ def reseal(bundle: Path, name: str) -> None:
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
+# rtk optimize at its quickest: what the tests check is which candidates pass, not their timings
+QUICK = {"warmup": 0, "iterations": 2, "min_seconds": 0.0, "calibration_size": 12}
+
+
+def _broken_but_fast(src, dst):
+    """A model whose head is zeroed: every image gets the same class. It must never be recommended."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    for init in model.graph.initializer:
+        if len(init.dims) == 2:  # the fc weight
+            init.CopyFrom(numpy_helper.from_array(np.zeros(tuple(init.dims), np.float32), init.name))
+    onnx.save(model, str(dst))
+
+
+@pytest.fixture(scope="session")
+def optimized(tiny_bundle, tiny_data, tmp_path_factory):
+    """`rtk optimize` on a copy of the tiny bundle (shared: test_optimize and the real Triton read it)."""
+    from toolkit.export import QuantRecipe
+    from toolkit.optimize import OptimizeConfig, optimize_bundle
+
+    bundle = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("opt") / "b", files=("model.onnx", "model.fp16.onnx", "model.int8.onnx"))
+    _broken_but_fast(bundle / "model.onnx", bundle / "model.fp16.onnx")
+    reseal(bundle, "model.fp16.onnx")
+    config = OptimizeConfig(calibration_data=str(tiny_data), batch_sizes=(1, 2), threads=1, **QUICK,
+                            recipes=(QuantRecipe(), QuantRecipe(reduce_range=True), QuantRecipe(activations="s8"), QuantRecipe(weights="u8"),
+                                     QuantRecipe(format="qoperator", weights="u8", per_channel=False)))
+    report = optimize_bundle(bundle, config, echo=lambda s: None)
+    return bundle, report
+
+
 @pytest.fixture(scope="session")
 def photos() -> list[Path]:
     """The two JPEG photos scikit-learn ships: real camera JPEGs, 640x427."""

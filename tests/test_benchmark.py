@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import copy_bundle, error_line, rtk
-from toolkit.benchmark import BenchConfig, latency_stats, time_runner
+from toolkit.benchmark import BenchConfig, latency_stats, table, time_runner
 from toolkit.errors import RtkError
 
 FAST = ("--warmup", "1", "--iterations", "3", "--min-seconds", "0")
@@ -16,6 +16,44 @@ def test_latency_stats_known_values():
     assert stats["max_ms"] == pytest.approx(4.0) and stats["p50_ms"] == pytest.approx(2.5)
     assert stats["images_per_second"] == pytest.approx(800.0)
     assert stats["cv"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2.5)
+
+
+def test_latency_stats_of_one_sample_and_percentile_order():
+    one = latency_stats([0.002], batch=1)
+    assert one["std_ms"] == 0.0 and one["cv"] == 0.0 and one["iterations"] == 1 and one["images_per_second"] == 500.0
+    many = latency_stats([i / 1000 for i in range(1, 101)], batch=4)
+    assert many["p50_ms"] == pytest.approx(50.5) and many["p90_ms"] == pytest.approx(90.1)
+    assert many["p95_ms"] == pytest.approx(95.05) and many["p99_ms"] == pytest.approx(99.01)
+    assert many["std_ms"] == pytest.approx(np.std(np.arange(1, 101), ddof=1))
+    two = latency_stats([0.0001, 0.0003], batch=1)  # two samples, below a millisecond
+    assert two["std_ms"] == pytest.approx(np.sqrt(2) * 0.1) and two["cv"] == pytest.approx(np.sqrt(2) * 0.1 / 0.2)
+
+
+def test_time_runner_samples_are_the_calls_durations():
+    import time
+
+    samples = time_runner(lambda _: time.sleep(0.01), None, warmup=0, iterations=3, min_seconds=0)
+    assert len(samples) == 3 and all(0.009 < s < 1.0 for s in samples)
+
+
+def test_speedups_against_eager_at_the_same_batch_size_and_their_spread():
+    from toolkit.benchmark import add_speedups
+
+    def row(runtime, batch, p50, rounds=None, skipped=False):
+        return {"runtime": runtime, "batch_size": batch, "p50_ms": p50, "skipped": skipped,
+                **({"round_p50_ms": rounds} if rounds else {})}
+
+    results = [row("eager", 1, 4.0, [4.0, 4.0, 6.0]), row("eager", 8, 20.0), row("ort-cpu", 1, 2.0, [2.0, 1.0, 2.0]),
+               row("ort-cpu", 8, 10.0), row("ort-cpu", 4, 1.0), {"runtime": "x", "skipped": True, "reason": "r"},
+               {"runtime": "y", "skipped": False, "failed": True, "reason": "r"}, row("torchscript", 1, 8.0)]
+    add_speedups(results)
+    eager1, eager8, ort1, ort8, ort4, skipped, failed, sequential = results
+    assert "speedup_vs_eager" not in failed and sequential["speedup_vs_eager"] == 0.5
+    assert "speedup_spread" not in sequential  # timed one after the other: no rounds to compare
+    assert eager1["speedup_vs_eager"] == 1.0 and eager8["speedup_vs_eager"] == 1.0
+    assert ort1["speedup_vs_eager"] == 2.0 and ort8["speedup_vs_eager"] == 2.0 and ort4["speedup_vs_eager"] is None
+    assert ort1["speedup_rounds"] == [2.0, 4.0, 3.0] and ort1["speedup_spread"] == pytest.approx((4.0 - 2.0) / 3.0)
+    assert "speedup_spread" not in ort8 and "speedup_vs_eager" not in skipped
 
 
 def test_time_runner_takes_the_larger_of_iterations_and_min_seconds():
@@ -73,15 +111,32 @@ def test_threads_default_to_the_process_affinity(monkeypatch):
     assert BenchConfig(threads=1).thread_count == 1
 
 
-def test_unstable_figures_are_flagged():
-    from toolkit.benchmark import table
+@pytest.mark.parametrize("interleave", [True, False])
+def test_unstable_figures_are_flagged(tiny_bundle, tmp_path, monkeypatch, interleave):
+    """The benchmark itself marks a figure whose spread is above 10% (and only such a figure): in its JSON
+    record, in the table and in the line it prints. Timings are faked so the spread is known."""
+    from toolkit.benchmark import UNSTABLE_CV, run_benchmark
 
-    row = {"runtime": "ort-cpu", "artifact": "model.onnx", "precision": "fp32", "batch_size": 1, "skipped": False,
-           **latency_stats([0.001, 0.001, 0.003], 1), "speedup_vs_eager": None, "cold_start_s": 0.1, "peak_rss_mb": 10,
-           "peak_rss_above_baseline_mb": 4}
-    row["unstable"] = row["cv"] > 0.1
-    text = table({"results": [row]})
-    assert row["unstable"] and "coefficient of variation above 10%" in text
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    spreads = {1: [0.001, 0.001, 0.003], 2: [0.001, 0.00105, 0.00095]}  # batch -> samples: cv 0.69, cv 0.05
+
+    def fake_timer(call, prepared, warmup, iterations, min_seconds):
+        call(prepared)
+        return list(spreads[len(prepared) if not isinstance(prepared, dict) else len(next(iter(prepared.values())))])
+
+    monkeypatch.setattr("toolkit.benchmark.time_runner", fake_timer)
+    lines: list[str] = []
+    config = BenchConfig(runtimes=("ort-cpu",), batch_sizes=(1, 2), warmup=0, iterations=3, min_seconds=0, threads=1,
+                         interleave=interleave, rounds=1)
+    report = run_benchmark(bundle, config, echo=lines.append)
+    rows = {r["batch_size"]: r for r in report["results"] if "batch_size" in r}
+    assert rows[1]["cv"] > UNSTABLE_CV and rows[1]["unstable"] is True
+    assert rows[2]["cv"] < UNSTABLE_CV and rows[2]["unstable"] is False
+    assert sum("UNSTABLE (cv 69%)" in line for line in lines) == 1
+    text = table(report)
+    assert "69.3% !" in text and "5.0% !" not in text and "coefficient of variation above 10%" in text
+    rows[1]["unstable"] = False
+    assert "coefficient of variation above" not in table(report)  # no warning without an unstable figure
 
 
 def test_explicit_unavailable_runtime_exits_2(tiny_bundle, tmp_path):

@@ -81,12 +81,16 @@ def test_cpu_features_parsed_from_flags():
     assert not env.CpuInfo("x", 4, 2, frozenset({"avx2"})).fast_bf16
 
 
-@pytest.mark.parametrize("args", [["train"], ["export", "--help"], ["verify"]])
+@pytest.mark.parametrize("args", [["train"], ["verify"], ["export"], ["nosuchcommand"], ["train", "--epochs", "x"]])
 def test_usage_errors_exit_2(args):
     result = rtk(*args)
-    assert result.exit_code in (0, 2)
-    if args[-1] != "--help":
-        assert result.exit_code == 2
+    assert result.exit_code == 2 and ("Usage:" in result.output or "Error:" in result.output), result.output
+
+
+@pytest.mark.parametrize("command", ["export", "train", "verify", "serve"])
+def test_command_help_exits_0(command):
+    result = rtk(command, "--help")
+    assert result.exit_code == 0 and result.output.startswith(f"Usage: main {command}"), result.output
 
 
 def test_doctor_names_the_library_the_cuda_provider_misses(monkeypatch, tmp_path):

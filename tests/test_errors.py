@@ -144,7 +144,10 @@ def test_export_verify_keeps_the_labels_of_the_calibration_images(tiny_run, tiny
     int8 = [r for r in report["records"] if r["precision"] == "int8"]
     assert int8 and all(r["accuracy_change"] is not None for r in int8)
     assert all("max_accuracy_drop" in r["tolerance"] for r in int8)
-    assert result.exit_code in (0, 1)  # pass or an honest fail: either way the gate was applied
+    # the export's exit code is its verification's verdict: 0 only if every record (int8 included) passed
+    assert result.exit_code == (0 if report["passed"] else 1), result.output
+    assert all(r["passed"] == (not r["failed_metrics"]) for r in report["records"])
+    assert ("FAILED" in result.output) == (not report["passed"])
 
 
 # ---------------------------------------------------------------- property-based

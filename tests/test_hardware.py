@@ -33,13 +33,45 @@ def test_name_does_not_repeat_a_generation_the_model_name_carries():
     assert cpu.tag == "amd-epyc-9r45-zen-5-2cpu"
 
 
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC 9R14 96-Core Processor
+flags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Another CPU
+flags\t\t: fpu sse
+"""
+
+
+def test_reads_the_first_cpus_cpuid_fields(monkeypatch, tmp_path):
+    """A known /proc/cpuinfo: the first CPU's vendor, family, model number, name and flags; `model` (a number)
+    is not confused with `model name`."""
+    import builtins
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(CPUINFO)
+    real_open = builtins.open
+    monkeypatch.setattr("toolkit.hardware.open", lambda path, *a, **k: real_open(fake if path == "/proc/cpuinfo" else path, *a, **k),
+                        raising=False)
+    monkeypatch.setattr("toolkit.hardware.platform.processor", lambda: "")
+    cpu = cpu_info()
+    assert (cpu.vendor, cpu.family, cpu.model_number) == ("AuthenticAMD", 25, 17)
+    assert cpu.model == "AMD EPYC 9R14 96-Core Processor" and cpu.generation == "Zen 4"
+    assert cpu.flags == frozenset({"fpu", "sse", "avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
+    fake.write_text("processor\t: 0\nmodel\t\t: unknown\n")  # no vendor or family, a model that is not a number
+    cpu = cpu_info()
+    assert (cpu.vendor, cpu.family, cpu.model_number, cpu.generation) == ("", None, None, None)
+
+
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo on this OS")
 def test_reads_this_machines_cpuid_fields():
-    text = Path("/proc/cpuinfo").read_text(errors="replace")
-    first = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
-    first = {k.strip(): v.strip() for k, v in first.items()}
     cpu = cpu_info()
-    assert cpu.vendor == first.get("vendor_id", "")
-    assert cpu.family == (int(first["cpu family"]) if "cpu family" in first else None)
-    assert cpu.model_number == (int(first["model"]) if first.get("model", "").isdigit() else None)
-    assert cpu.tag.endswith(f"-{cpu.usable_cpus}cpu")
+    assert cpu.tag.endswith(f"-{cpu.usable_cpus}cpu") and 1 <= cpu.usable_cpus <= cpu.logical_cpus
+    if cpu.vendor in ("AuthenticAMD", "GenuineIntel"):  # x86: cpuid family and model are always there
+        assert cpu.family is not None and cpu.model_number is not None and cpu.flags

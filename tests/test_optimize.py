@@ -5,37 +5,15 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
-from tests.conftest import copy_bundle, error_line, reseal, rtk
+from tests.conftest import QUICK, copy_bundle, error_line, rtk
 from toolkit import runners, sessions
+from toolkit.errors import CheckFailed
 from toolkit.export import QuantRecipe
 from toolkit.optimize import ORT_OPT_FILE, OptimizeConfig, format_table, optimize_bundle
 from toolkit.runtime import Classifier
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
-QUICK = {"warmup": 0, "iterations": 2, "min_seconds": 0.0, "calibration_size": 12}
-
-
-def _broken_but_fast(src, dst):
-    """A model whose head is zeroed: every image gets the same class. It must never be recommended."""
-    model = onnx.load(str(src))
-    for init in model.graph.initializer:
-        if len(init.dims) == 2:  # the fc weight
-            init.CopyFrom(numpy_helper.from_array(np.zeros(tuple(init.dims), np.float32), init.name))
-    onnx.save(model, str(dst))
-
-
-@pytest.fixture(scope="module")
-def optimized(tiny_bundle, tiny_data, tmp_path_factory):
-    bundle = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("opt") / "b", files=("model.onnx", "model.fp16.onnx", "model.int8.onnx"))
-    _broken_but_fast(bundle / "model.onnx", bundle / "model.fp16.onnx")
-    reseal(bundle, "model.fp16.onnx")
-    config = OptimizeConfig(calibration_data=str(tiny_data), batch_sizes=(1, 2), threads=1, **QUICK,
-                            recipes=(QuantRecipe(), QuantRecipe(reduce_range=True), QuantRecipe(activations="s8"), QuantRecipe(weights="u8"),
-                                     QuantRecipe(format="qoperator", weights="u8", per_channel=False)))
-    report = optimize_bundle(bundle, config, echo=lambda s: None)
-    return bundle, report
 
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="the openvino extra is not installed")
@@ -90,6 +68,34 @@ def test_nncf_int8_ir_is_built_verified_and_servable(optimized):
     assert row["runtime"] == "openvino" and row["status"] in ("passed", "failed verification")
     with np.load(bundle / "selftest.npz") as data:
         assert f"openvino:{IR_INT8}" in data.files
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="the openvino extra is not installed")
+def test_the_nncf_int8_ir_is_served_after_its_self_test(optimized, tiny_data, tmp_path):
+    """Recommended for serving, the IR is what Classifier loads (rtk serve's path): its stored self-test outputs
+    are this IR's own (a zeroed or foreign expectation fails), and it answers like the fp32 model."""
+    from toolkit.openvino_ir import IR_INT8, nncf_problem
+
+    if nncf_problem():
+        pytest.skip(nncf_problem())
+    bundle = tmp_path / "served"
+    shutil.copytree(optimized[0], bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["recommended"] = {"runtime": "openvino", "artifact": IR_INT8, "threads": 1, "device": "cpu",
+                               "session": {"engine": "openvino", "device": "cpu", "threads": 1, "precision_hint": "f32"}}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    clf = Classifier.load(bundle, self_test=True)
+    assert clf.path.name == IR_INT8 and clf.backend.name == "openvino" and clf.precision == "int8"
+    paths = sorted((tiny_data / "val").rglob("*.png"))
+    served = [p.indices[0] for p in clf.predict(paths)]
+    fp32 = [p.indices[0] for p in Classifier.load(bundle / "model.onnx").predict(paths)]
+    assert np.mean(np.array(served) == np.array(fp32)) >= 0.8
+    with np.load(bundle / "selftest.npz") as data:
+        arrays = dict(data)
+    arrays[f"openvino:{IR_INT8}"] = np.zeros_like(arrays[f"openvino:{IR_INT8}"])
+    np.savez(bundle / "selftest.npz", **arrays)
+    with pytest.raises(CheckFailed, match=f"self-test failed for {IR_INT8}"):
+        Classifier.load(bundle, self_test=True)
 
 
 def test_builds_missing_candidates_and_labels_the_hardware_specific_graph(optimized):

@@ -104,3 +104,43 @@ def test_byte_identical_on_elongated_and_deep_pngs(tmp_path, size, mode):
 def test_resize_shorter_refuses_to_build_an_unbounded_image():
     with pytest.raises(RtkError, match="needs more than"):
         resize_shorter(Image.new("RGB", (1_000_000, 1)), 256)
+
+
+def test_the_graph_normalisation_is_torchvisions():
+    """The exported graph's first step (uint8 NHWC -> normalised NCHW float, folded into one multiply-add) against
+    torchvision's ToDtype(scale=True) + Normalize on the same crops, for the default and a custom mean/std."""
+    import torch
+    from torchvision.transforms import v2 as T
+
+    from toolkit.graph import Preprocess
+
+    crops = np.random.default_rng(0).integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)
+    crops[0, 0, 0] = (0, 128, 255)
+    for spec in (PreprocessSpec(36, 32), PreprocessSpec(36, 32, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.125))):
+        got = Preprocess(spec)(torch.from_numpy(crops))
+        want = T.Normalize(spec.mean, spec.std)(T.ToDtype(torch.float32, scale=True)(torch.from_numpy(crops).permute(0, 3, 1, 2)))
+        assert got.shape == (2, 3, 5, 4) and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_pillows_pass_order_for_region_resizes():
+    """Which pass Pillow takes first (it shows in the bytes): horizontal for wide images and for a width that does
+    not shrink, vertical for tall images shrunk at least 3:1 in aspect; the band in between is refused."""
+    from toolkit.preprocess import _vertical_first
+
+    assert _vertical_first((400, 100), (144, 36)) is False  # wide
+    assert _vertical_first((100, 400), (100, 400)) is False  # tall, but the width does not shrink
+    assert _vertical_first((100, 400), (36, 144)) is True
+    assert _vertical_first((100, 300), (36, 108)) is True  # exactly 3:1
+    for size in ((100, 299), (100, 150)):
+        with pytest.raises(RtkError, match=f"image {size[0]}x{size[1]} is too large to resize exactly"):
+            _vertical_first(size, (36, 36 * size[1] // size[0]))
+
+
+def test_region_resizes_refuse_what_they_cannot_compute():
+    from toolkit.preprocess import region_resize_crop, resized_size
+
+    with pytest.raises(RtkError, match=r"zero-sized side \(0x5\)"):
+        resized_size((0, 5), 36)
+    with pytest.raises(RtkError, match="region resize takes RGB images, not L"):
+        region_resize_crop(Image.new("L", (400, 100)), (144, 36), PreprocessSpec(36, 32))

@@ -28,11 +28,16 @@ def test_runtime_works_where_torch_cannot_be_imported(tiny_bundle, tiny_data):
         from toolkit.runtime import Classifier
         clf = Classifier.load({str(tiny_bundle)!r}, self_test=True)
         p = clf.predict([{str(image)!r}], top_k=2)[0]
-        print('OK', p.labels, round(sum(p.scores), 6) <= 1.0)
+        import json
+        print(json.dumps(dict(labels=p.labels, scores=p.scores, classes=clf.classes)))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("OK [")
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    [expected] = Classifier.load(tiny_bundle).predict([image], top_k=2)  # the same answer as with torch importable
+    assert got["labels"] == expected.labels and len(got["labels"]) == 2 and set(got["labels"]) <= set(got["classes"])
+    assert got["scores"] == pytest.approx(expected.scores, abs=1e-6)
+    assert got["scores"][0] >= got["scores"][1] > 0 and sum(got["scores"]) <= 1.0 + 1e-9
 
 
 def test_predict_matches_eager_top1(tiny_bundle, tiny_run, tiny_data):
@@ -98,6 +103,59 @@ def test_self_test_refuses_a_model_that_differs(tiny_bundle, tmp_path):
     arrays["model.onnx"] = arrays["model.onnx"] + 1.0
     np.savez(bundle / "selftest.npz", **arrays)
     with pytest.raises(CheckFailed, match="self-test failed"):
+        Classifier.load(bundle, self_test=True)
+
+
+def _selftest_with(bundle, change) -> None:
+    with np.load(bundle / "selftest.npz") as data:
+        arrays = dict(data)
+    arrays["model.onnx"] = change(arrays["model.onnx"].astype(np.float64)).astype(arrays["model.onnx"].dtype)
+    np.savez(bundle / "selftest.npz", **arrays)
+
+
+def test_self_test_refuses_a_changed_top1_within_the_tolerance(tiny_bundle, tmp_path):
+    """One image whose two best classes trade places by less than the tolerance: the logits are close, but this
+    hardware would answer another class, which the self-test must refuse."""
+    from toolkit.runtime import SELFTEST_TOLERANCE
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    with np.load(bundle / "selftest.npz") as data:
+        logits = data["model.onnx"].astype(np.float64)
+    tol = SELFTEST_TOLERANCE["fp32"] * max(1.0, float(np.abs(logits).max()))
+    gaps = np.sort(logits, 1)[:, -1] - np.sort(logits, 1)[:, -2]
+    row = int(gaps.argmin())
+    if gaps[row] >= tol / 2:  # make the closest image a near tie, within the tolerance, still the same top-1
+        def near_tie(a):
+            a = a.copy()
+            first, second = np.argsort(-a[row])[:2]
+            a[row, second] = a[row, first] - tol / 8
+            return a
+        _selftest_with(bundle, near_tie)
+        Classifier.load(bundle, self_test=True)  # within the tolerance, same top-1: passes
+        with np.load(bundle / "selftest.npz") as data:
+            logits = data["model.onnx"].astype(np.float64)
+
+    def swapped(a):
+        a = a.copy()
+        first, second = np.argsort(-a[row])[:2]
+        a[row, second] = a[row, first] + tol / 8  # the runner-up now wins, by a hair
+        return a
+
+    _selftest_with(bundle, swapped)
+    with pytest.raises(CheckFailed, match="top-1 changed"):
+        Classifier.load(bundle, self_test=True)
+
+
+def test_self_test_allows_differences_within_the_tolerance(tiny_bundle, tmp_path):
+    from toolkit.runtime import SELFTEST_TOLERANCE
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    with np.load(bundle / "selftest.npz") as data:
+        scale = max(1.0, float(np.abs(data["model.onnx"]).max()))
+    _selftest_with(bundle, lambda a: a + 0.5 * SELFTEST_TOLERANCE["fp32"] * scale)
+    Classifier.load(bundle, self_test=True)
+    _selftest_with(bundle, lambda a: a + 1.5 * SELFTEST_TOLERANCE["fp32"] * scale)  # now 1.0 tolerance over
+    with pytest.raises(CheckFailed, match="max abs diff .* top-1 same"):
         Classifier.load(bundle, self_test=True)
 
 

@@ -40,6 +40,14 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running(bundle: Path, slow_s: float = 0.0, self_test: bool = True, **options):
     """An in-process server on a free 127.0.0.1 port; `slow_s` makes every model call that much slower."""
+    with started(bundle, slow_s, self_test, **options) as (server, thread, handle):
+        yield handle
+
+
+@contextlib.contextmanager
+def started(bundle: Path, slow_s: float = 0.0, self_test: bool = True, graceful_s: float | None = None, **options):
+    """`running`, also giving the uvicorn server and its thread; `graceful_s` bounds uvicorn's own wait for the
+    requests in flight at shutdown (after it, uvicorn cancels them)."""
     import uvicorn
 
     config = ServeConfig(bundle=str(bundle), port=free_port(), **options)
@@ -49,7 +57,10 @@ def running(bundle: Path, slow_s: float = 0.0, self_test: bool = True, **options
         clf.backend.run = lambda x: (time.sleep(slow_s), run(x))[1]
     info = model_info(clf, str(bundle), config.name, config.max_batch_size)
     app = create_app(clf, config, info, self_test=self_test)
-    server = uvicorn.Server(uvicorn_config(app, config, log_level="error"))
+    settings = uvicorn_config(app, config, log_level="error")
+    if graceful_s is not None:
+        settings.timeout_graceful_shutdown = graceful_s
+    server = uvicorn.Server(settings)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -57,7 +68,7 @@ def running(bundle: Path, slow_s: float = 0.0, self_test: bool = True, **options
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
     try:
-        yield f"127.0.0.1:{config.port}", info, clf, app
+        yield server, thread, (f"127.0.0.1:{config.port}", info, clf, app)
     finally:
         server.should_exit = True
         thread.join(10)
@@ -294,3 +305,122 @@ def http_ready(url: str) -> bool:
         return http(f"{url}/v2/health/ready")[0] == 200
     except (urllib.error.URLError, ConnectionError, OSError):
         return False
+
+
+# ---------------------------------------------------------------- real concurrency: merging, overflow, failures, drain
+
+
+def _infer_body(images: np.ndarray) -> bytes:
+    return json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(images.shape),
+                                   "data": images.reshape(-1).tolist()}]}).encode()
+
+
+def _concurrently(url: str, name: str, requests: list[np.ndarray], timeout: float = 20) -> list:
+    """POST every request from its own thread at once; (status, body) per request, in order."""
+    answers: list = [None] * len(requests)
+
+    def one(i: int) -> None:
+        request = urllib.request.Request(f"http://{url}/v2/models/{name}/infer", data=_infer_body(requests[i]),
+                                         method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                answers[i] = (response.status, json.loads(response.read()))
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            answers[i] = (exc.code, json.loads(body) if body.startswith(b"{") else body)
+        except OSError as exc:  # no answer at all (reset, timed out): recorded, not raised in the thread
+            answers[i] = (None, repr(exc))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 5)
+    return answers
+
+
+def _model_calls(app) -> tuple[float, float]:
+    samples = app.state.metrics.batch_size.collect()[0].samples
+    return (next(s.value for s in samples if s.name.endswith("_count")),
+            next(s.value for s in samples if s.name.endswith("_sum")))
+
+
+def test_multi_row_requests_beyond_the_batch_size_are_all_answered_with_their_own_rows(tiny_bundle, tiny_data):
+    """Requests of 3, 2, 1 and 4 rows with --max-batch-size 4: some do not fit the batch being built (they start
+    the next one); every request still gets exactly its own rows, and no model call exceeds 4 rows."""
+    with running(tiny_bundle, max_batch_size=4, max_queue_delay_ms=300) as (url, info, clf, app):
+        _, images = crops(clf, tiny_data, 10)
+        expected = clf.logits(images)
+        sizes, start = [3, 2, 1, 4], np.cumsum([0, 3, 2, 1])
+        calls: list[int] = []
+        run = clf.backend.run
+        clf.backend.run = lambda x: (calls.append(len(x)), run(x))[1]
+        requests = [images[s:s + n] for s, n in zip(start, sizes)]
+        answers = _concurrently(url, info.name, requests)
+        for (status, body), s, n in zip(answers, start, sizes):
+            assert status == 200, body
+            got = np.array(body["outputs"][0]["data"], np.float32).reshape(body["outputs"][0]["shape"])
+            np.testing.assert_allclose(got, expected[s:s + n], atol=1e-5)
+        assert sum(calls) == 10 and max(calls) <= 4 and len(calls) < 4  # merged where they fit
+        assert _model_calls(app)[1] == 10
+
+
+def test_a_model_exception_answers_every_waiting_request_with_an_error(tiny_bundle, tiny_data):
+    with running(tiny_bundle, max_batch_size=8, max_queue_delay_ms=200) as (url, info, clf, app):
+        _, images = crops(clf, tiny_data, 3)
+        run = clf.backend.run
+        broken = threading.Event()
+        broken.set()
+
+        def flaky(x):
+            if broken.is_set():
+                raise RuntimeError("the device fell off the bus")
+            return run(x)
+
+        clf.backend.run = flaky
+        start = time.monotonic()
+        answers = _concurrently(url, info.name, [images[i:i + 1] for i in range(3)], timeout=10)
+        assert time.monotonic() - start < 8  # an error, not a hang until the client gives up
+        assert [a[0] for a in answers] == [500, 500, 500], answers
+        assert all(a[1]["error"] == "internal error (RuntimeError); see the server log" for a in answers)
+        broken.clear()  # the server keeps serving once the model works again
+        [(status, body)] = _concurrently(url, info.name, [images[:1]])
+        assert status == 200 and np.allclose(body["outputs"][0]["data"], clf.logits(images[:1]).reshape(-1), atol=1e-5)
+
+
+def test_a_client_that_disconnects_mid_request_does_not_disturb_the_others(tiny_bundle, tiny_data):
+    with running(tiny_bundle, slow_s=0.3, max_batch_size=8, max_queue_delay_ms=200) as (url, info, clf, app):
+        _, images = crops(clf, tiny_data, 2)
+        body = _infer_body(images[:1])
+        host, port = url.split(":")
+        for _ in range(3):  # three clients send a whole request, then leave before the answer
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(f"POST /v2/models/{info.name}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        [(status, answer)] = _concurrently(url, info.name, [images[1:2]])
+        assert status == 200
+        np.testing.assert_allclose(answer["outputs"][0]["data"], clf.logits(images[1:2]).reshape(-1), atol=1e-5)
+        assert http(f"{url}/v2/health/ready")[0] == 200
+
+
+def test_shutdown_drains_the_queue_even_after_uvicorn_stops_waiting(tiny_bundle, tiny_data):
+    """uvicorn answers what is in flight on its own, but gives up after its graceful timeout (here 0.05 s): the
+    requests still queued in the batcher then run before the server returns (the lifespan's drain), so no
+    model call is lost half-done or left queued when the process exits."""
+    with started(tiny_bundle, slow_s=0.3, max_batch_size=1, max_queue_delay_ms=0, graceful_s=0.05) as (server, thread, handle):
+        url, info, clf, app = handle
+        _, images = crops(clf, tiny_data, 1)
+        calls: list[int] = []
+        run = clf.backend.run
+        clf.backend.run = lambda x: (calls.append(len(x)), run(x))[1]
+        senders = [threading.Thread(target=_concurrently, args=(url, info.name, [images], 5), daemon=True)
+                   for _ in range(3)]
+        for t in senders:
+            t.start()
+        deadline = time.monotonic() + 10
+        while not calls or app.state.metrics.queue_depth.collect()[0].samples[0].value < 2:
+            assert time.monotonic() < deadline, calls  # the first request in the model, two queued behind it
+            time.sleep(0.01)
+        server.should_exit = True
+        thread.join(10)
+        assert not thread.is_alive() and len(calls) == 3

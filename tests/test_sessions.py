@@ -12,7 +12,8 @@ from toolkit.sessions import SessionSettings, open_onnxruntime
 
 TOOLKIT = Path(__file__).resolve().parents[1] / "toolkit"
 SERVING_SIDE = ("toolkit.sessions", "toolkit.manifest", "toolkit.bundle", "toolkit.runtime", "toolkit.preprocess",
-                "toolkit.hardware", "toolkit.tables", "toolkit.server", "toolkit.triton", "toolkit.openvino_ir")
+                "toolkit.hardware", "toolkit.tables", "toolkit.server", "toolkit.triton", "toolkit.openvino_ir",
+                "toolkit.batch", "toolkit.batch_ray", "toolkit.signing")
 
 
 def test_the_serving_side_imports_no_torch():

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tests.conftest import TRAIN_ARGS, error_line, rtk
-from toolkit import env
+from toolkit import env, models
 from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
 from toolkit.errors import RtkError
 from toolkit.fileio import atomic_path
@@ -163,16 +163,32 @@ def _bf16_weight_grad_error(input_size: int) -> float:
     return worst
 
 
+def _smallest_stride2_conv_input(image_size: int) -> int:
+    """The side of the smallest feature map a ResNet's stride-2 3x3 conv sees (layer4's first block)."""
+    side = image_size
+    for _ in range(4):  # the stem conv, its max pool, layer2, layer3: each (side + 2 - 3) // 2 + 1
+        side = (side - 1) // 2 + 1
+    return side
+
+
 def test_bf16_on_the_cpu_is_allowed_from_the_size_where_its_gradients_are_right():
-    # At BF16_CPU_BAD_GRAD_MAX_SIZE + 1 px, the smallest input any ResNet stride-2 3x3 conv sees is 2x2.
-    assert _bf16_weight_grad_error(2) < 0.02
+    # resolve_runtime allows bf16 from BF16_CPU_BAD_GRAD_MAX_SIZE + 1 px: that size must give right gradients
+    smallest = _smallest_stride2_conv_input(BF16_CPU_BAD_GRAD_MAX_SIZE + 1)
+    assert smallest == 2 and _smallest_stride2_conv_input(BF16_CPU_BAD_GRAD_MAX_SIZE) == 1
+    model = models.build("resnet18", 2).eval()
+    with torch.no_grad():
+        x = torch.zeros(1, 3, BF16_CPU_BAD_GRAD_MAX_SIZE + 1, BF16_CPU_BAD_GRAD_MAX_SIZE + 1)
+        x = model.layer3(model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))))
+    assert x.shape[-1] == smallest  # what layer4's stride-2 conv gets, checked on the real network
+    assert _bf16_weight_grad_error(smallest) < 0.02
 
 
-def test_every_torchvision_resnet_builds():
-    import torchvision
-
-    for arch in ARCHS:
-        assert arch in torchvision.models.list_models()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_torchvision_resnet_builds(arch):
+    with torch.device("meta"):  # the real architecture, without allocating its weights
+        model = models.build(arch, 5)
+    assert model.fc.out_features == 5 and isinstance(model, nn.Module)
+    assert sum(p.numel() for p in model.parameters()) > 10_000_000
 
 
 @pytest.mark.parametrize("args, message", [

@@ -48,6 +48,50 @@ def test_accuracy_and_atol_needed():
     assert np.allclose(a, REF, atol=needed * 1.0001, rtol=0) and not np.allclose(a, REF, atol=needed * 0.99, rtol=0)
 
 
+def test_metrics_of_nothing_and_of_zero_vectors():
+    empty = np.zeros((0, 3))
+    assert v.max_abs_diff(empty, empty) == v.max_rel_diff(empty, empty) == v.mean_abs_diff(empty, empty) == 0.0
+    assert v.atol_needed(empty, empty, 1e-3) == 0.0 and v.cosine_min(empty, empty) == 1.0
+    assert v.top1_agreement(empty, empty) == 1.0 and v.top5_agreement(empty, empty) == 1.0
+    zero, one = np.zeros((1, 2)), np.array([[1.0, 0.0]])
+    assert v.cosine_min(zero, zero) == 1.0 and v.cosine_min(one, zero) == 0.0 and v.cosine_min(zero, one) == 0.0
+    small = np.array([[0.1, 0.0]]), np.array([[0.2, 0.01]])  # norms below one are still vectors
+    assert v.cosine_min(*small) == pytest.approx(0.2 / np.hypot(0.2, 0.01) * 1.0)
+
+
+def test_atol_needed_with_a_relative_tolerance():
+    a = REF + 0.01
+    assert v.atol_needed(REF.copy(), REF, rtol=1e-3) == 0.0
+    needed = v.atol_needed(a, REF, rtol=1e-3)
+    assert needed == pytest.approx(0.01 - 1e-3 * 0.5)  # the smallest |ref| leaves the least to rtol
+    assert np.allclose(a, REF, atol=needed * 1.0001, rtol=1e-3) and not np.allclose(a, REF, atol=needed * 0.99, rtol=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_a_non_finite_output_fails(precision):
+    a = REF.copy()
+    a[0, 0] = np.nan
+    m = v.compare(a, REF, ["a", "b"], None, precision, v.Gates(int8_top1=0.0, half_top1=0.0))
+    assert not m["passed"] and "finite" in m["failed_metrics"]
+
+
+def test_the_any_size_tolerance_is_inclusive():
+    ref = np.zeros((2, 3))
+    at = ref.copy()
+    at[0, 0] = v.Gates().any_size_atol  # exactly the tolerance (the scale is 1 for logits below 1)
+    assert v.compare(at, ref, ["a", "b"], None, "fp32", v.Gates(), any_size=True)["passed"]
+    at[0, 0] = np.nextafter(v.Gates().any_size_atol, 1.0)
+    assert not v.compare(at, ref, ["a", "b"], None, "fp32", v.Gates(), any_size=True)["passed"]
+
+
+def test_only_int8_is_judged_against_the_accuracy_drop_bound():
+    labels = np.array([2, 0])
+    int8 = v.compare(REF, REF, ["a", "b"], labels, "int8", v.Gates())
+    fp16 = v.compare(REF, REF, ["a", "b"], labels, "fp16", v.Gates())
+    assert int8["passed"] and fp16["passed"]
+    assert int8["accuracy_pairs"]["bound"] == v.Gates().int8_max_accuracy_drop and "bound" not in fp16["accuracy_pairs"]
+
+
 def test_gates_by_precision():
     gates = v.Gates()
     names = ["a", "b"]
@@ -232,6 +276,12 @@ def test_an_openvino_ir_is_verified_and_its_weights_file_checked(tiny_run, tmp_p
     good = rtk("verify", out, "--random", "4", "--runtime", "openvino")
     assert good.exit_code == 0 and re.search(r"^model.openvino.xml +openvino +fp32 .* pass$", good.output, re.M)
     weights = out / "model.openvino.bin"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one weight's low bit, the size kept: only the sha256 of the .bin tells
+    weights.write_bytes(bytes(raw))
+    altered = rtk("verify", out, "--random", "4", "--runtime", "openvino")
+    assert altered.exit_code == 1
+    assert "FAIL model.openvino.xml on openvino: model.openvino.bin (the weights of model.openvino.xml) differs" in altered.output
     weights.write_bytes(weights.read_bytes()[:1000])
     bad = rtk("verify", out, "--random", "4", "--runtime", "openvino")
     assert bad.exit_code == 1 and "model.openvino.bin (the weights of model.openvino.xml) differs" in bad.output

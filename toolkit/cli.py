@@ -55,8 +55,14 @@ EXTRA_OF_MODULE = {
     "torch": "train,cpu", "torchvision": "train,cpu", "onnx": "train,cpu", "onnxscript": "train,cpu",
     "onnxruntime": "cpu", "fastapi": "serve,cpu", "uvicorn": "serve,cpu", "starlette": "serve,cpu",
     "prometheus_client": "serve,cpu", "multipart": "serve,cpu", "python_multipart": "serve,cpu",
-    "tritonclient": "triton", "openvino": "openvino", "sklearn": "demo", "matplotlib": "demo",
+    "tritonclient": "triton", "pyarrow": "batch", "ray": "ray", "openvino": "openvino", "sklearn": "demo", "matplotlib": "demo",
 }
+
+
+# Public keys a consumer trusts (toolkit.signing): repeatable, or RTK_TRUST as a colon-separated list.
+trust_option = click.option(
+    "--trust", "trust", multiple=True, envvar="RTK_TRUST", show_envvar=True, type=click.Path(path_type=Path),
+    help="A public key (PEM, EC): accept only a bundle it signed (rtk sign). Repeatable.")
 
 
 @click.group(cls=RtkGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -229,24 +235,48 @@ def export_cmd(checkpoint: Path | None, output: Path, formats: tuple[str, ...], 
 @click.option("--runtime", "runtimes", multiple=True, help="Only these runtimes (repeatable) [every one available].")
 @click.option("--atol", default=1e-4, show_default=True, help="fp32 allclose atol.")
 @click.option("--rtol", default=1e-3, show_default=True, help="fp32 allclose rtol.")
-@click.option("--fp16-min-top1", default=0.995, show_default=True, help="fp16/bf16 minimum top-1 agreement.")
-@click.option("--int8-min-top1", default=0.97, show_default=True, help="int8 minimum top-1 agreement.")
+@click.option("--fp16-min-top1", default=1.0, show_default=True,
+              help="fp16/bf16 minimum top-1 agreement on the images where the reference is decisive.")
+@click.option("--int8-min-top1", default=1.0, show_default=True,
+              help="int8 minimum top-1 agreement on the images where the reference is decisive.")
 @click.option("--int8-max-accuracy-drop", default=0.01, show_default=True, help="int8 maximum accuracy drop (fraction).")
+@click.option("--decisive-margin", default=0.05, show_default=True,
+              help="Decisive: the reference's top two logits differ by more than this x the largest |logit|.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Only the runtimes on this device (those unavailable here are listed as skipped).")
 @click.option("--threads", type=int, default=None)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the records as JSON.")
+@click.option("--endpoint", default=None, metavar="URL",
+              help="Verify a live KServe-v2 server instead (rtk serve, Triton, KServe): which bundle file it serves, "
+                   "and that file's gate against the eager model. Exit 2 when unreachable.")
+@click.option("--model", "endpoint_model", default=None, help="With --endpoint: the model name [the bundle folder's name].")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True,
+              help="With --endpoint: the v2 protocol's transport.")
+@click.option("--token-env", default=None, metavar="VAR", help="With --endpoint: a variable holding a bearer token.")
+@trust_option
 def verify_cmd(bundle: Path, checkpoint: Path | None, images: str | None, random_images: int | None, runtimes: tuple[str, ...],
                atol: float, rtol: float, fp16_min_top1: float, int8_min_top1: float, int8_max_accuracy_drop: float,
-               device: str | None, threads: int | None, json_path: Path | None) -> None:
-    """Prove every artifact in BUNDLE matches the eager model. Exit 0 all pass, 1 any fails, 2 usage error."""
+               decisive_margin: float, device: str | None, threads: int | None, json_path: Path | None,
+               endpoint: str | None, endpoint_model: str | None, protocol: str, token_env: str | None,
+               trust: tuple[Path, ...]) -> None:
+    """Prove every artifact in BUNDLE matches the eager model, or (--endpoint) that a live server answers like
+    one of them. Exit 0 all pass, 1 any fails, 2 usage error or endpoint unreachable."""
     from toolkit.verify import Gates
 
     gates = Gates(atol=atol, rtol=rtol, half_top1=fp16_min_top1, int8_top1=int8_min_top1,
-                  int8_max_accuracy_drop=int8_max_accuracy_drop)
+                  int8_max_accuracy_drop=int8_max_accuracy_drop, decisive_margin=decisive_margin)
     random_images = random_images if random_images is not None else (0 if images else 16)
+    if endpoint and trust:
+        raise RtkError("--trust checks a bundle before verify runs it; with --endpoint the server's file is checked "
+                       "against the bundle, which --trust does not cover yet: drop one of the two")
+    if endpoint:
+        from toolkit.endpoint import Endpoint
+
+        target = Endpoint(endpoint, model=endpoint_model, protocol=protocol, token_env=token_env)
+        return _run_verify_endpoint(bundle, target, images, random_images, checkpoint, gates, threads, json_path,
+                                    list(runtimes) or None)
     _run_verify(bundle, images, random_images, checkpoint, runtimes=list(runtimes) or None, gates=gates,
-                threads=threads, device=device, json_path=json_path)
+                threads=threads, device=device, json_path=json_path, trust=list(trust) or None)
 
 
 def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **options) -> None:
@@ -264,6 +294,21 @@ def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **opt
         reason = "; ".join(failed) or ("no runtime could run" if not report["records"]
                                        else "in-graph preprocessing differs from Normalize")
         raise CheckFailed("verification failed: " + reason)
+
+
+def _run_verify_endpoint(bundle, target, images, random_images, checkpoint, gates, threads, json_path, runtimes) -> None:
+    from toolkit.endpoint import failure_line, format_endpoint_report, verify_endpoint
+    from toolkit.errors import CheckFailed
+    from toolkit.fileio import check_writable_file, write_json
+
+    check_writable_file(json_path)
+    report = verify_endpoint(bundle, target, images=images, random_images=random_images, checkpoint=checkpoint,
+                             gates=gates, threads=threads, runtimes=runtimes)
+    click.echo(format_endpoint_report(report))
+    if json_path:
+        write_json(json_path, report)
+    if not report["passed"]:
+        raise CheckFailed(failure_line(report))
 
 
 @main.command("benchmark")
@@ -326,26 +371,30 @@ def _width_height(text: str) -> tuple[int, int]:
 @click.option("--calibration-data", required=True, type=click.Path(),
               help="Images for int8 calibration; an ImageFolder with train/ and val/ also gives the held-out set.")
 @click.option("--holdout", type=click.Path(), default=None, help="Labelled ImageFolder the candidates are verified on.")
-@click.option("--max-accuracy-drop", default=0.5, show_default=True, help="Largest top-1 accuracy drop allowed, in points.")
+@click.option("--max-accuracy-drop", default=0.5, show_default=True,
+              help="Largest top-1 accuracy drop allowed, in points (on the paired point estimate).")
+@click.option("--decisive-margin", default=0.05, show_default=True,
+              help="Top-1 must agree where the reference's top two logits differ by more than this x the largest |logit|.")
 @click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Repeatable [1]; the first one ranks.")
 @click.option("--threads", type=int, default=None, help="[CPUs in this process's affinity]")
 @click.option("--calibration-size", default=200, show_default=True)
 @click.option("--min-seconds", default=2.0, show_default=True, help="Benchmark time per candidate and batch size.")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None, help="Write the ranked table.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-def optimize_cmd(bundle: Path, calibration_data: str, holdout: str | None, max_accuracy_drop: float,
+def optimize_cmd(bundle: Path, calibration_data: str, holdout: str | None, max_accuracy_drop: float, decisive_margin: float,
                  batch_sizes: tuple[int, ...], threads: int | None, calibration_size: int, min_seconds: float,
                  markdown_path: Path | None, json_path: Path | None) -> None:
     """Build int8 variants and an optimised graph, verify every CPU candidate on held-out images,
     benchmark those that pass, and record the fastest as the bundle's recommended deployment."""
     from toolkit.fileio import check_writable_file, write_json, write_text
     from toolkit.optimize import OptimizeConfig, format_table, optimize_bundle
+    from toolkit.verify import Gates
 
     for path in (markdown_path, json_path):
         check_writable_file(path)
     config = OptimizeConfig(calibration_data=calibration_data, holdout=holdout, max_accuracy_drop=max_accuracy_drop,
                             batch_sizes=batch_sizes or (1,), threads=threads, calibration_size=calibration_size,
-                            min_seconds=min_seconds)
+                            min_seconds=min_seconds, gates=Gates(decisive_margin=decisive_margin))
     report = optimize_bundle(bundle, config, echo=click.echo)
     click.echo("")
     click.echo(format_table(report))
@@ -363,14 +412,37 @@ def optimize_cmd(bundle: Path, calibration_data: str, holdout: str | None, max_a
 @click.option("--threads", type=int, default=None)
 @click.option("--self-test", is_flag=True, help="Check the model against the outputs stored at export first.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with every prediction.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Write a Parquet dataset (a folder of parts; rerun to resume) instead of printing. INPUT may "
+                   "then be a manifest: .txt / .csv / .parquet of paths or URIs (.parquet: or image bytes).")
+@click.option("--logits", is_flag=True, help="With --output: a logits column too.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="With --output: this process, or Ray Data (pip install 'rtk[ray]').")
+@click.option("--address", default=None, help="--engine ray: the cluster (auto, ray://host:10001) [a local one].")
+@click.option("--workers", type=int, default=None,
+              help="With --output: decoding threads (local) [CPUs, at most 8] or Ray actors (ray) [1].")
+@click.option("--part-rows", type=int, default=None, help="With --output: rows per part file [4096].")
+@trust_option
 def predict_cmd(bundle: Path, images: tuple[Path, ...], top_k: int, batch_size: int, providers: tuple[str, ...],
-                threads: int | None, self_test: bool, as_json: bool) -> None:
+                threads: int | None, self_test: bool, as_json: bool, output: Path | None, logits: bool, engine: str,
+                address: str | None, workers: int | None, part_rows: int | None, trust: tuple[Path, ...]) -> None:
     """Classify image files or folders with the torch-free runtime. Exit 1 if any image failed."""
     from toolkit.errors import RtkError
     from toolkit.preprocess import list_images
     from toolkit.runtime import Classifier, Prediction
 
-    clf = Classifier.load(bundle, providers=providers or None, threads=threads, self_test=self_test)
+    batch_only = {"--logits": logits, "--engine": engine != "local", "--address": address,
+                  "--workers": workers is not None, "--part-rows": part_rows is not None}
+    if output is None and any(batch_only.values()):
+        raise RtkError(f"{next(k for k, v in batch_only.items() if v)} needs --output")
+    if trust and engine == "ray":
+        raise RtkError("--trust with --engine ray: the Ray actors load the bundle themselves, unchecked; use --engine local")
+    clf = Classifier.load(bundle, providers=providers or None, threads=threads, self_test=self_test,
+                          trust=list(trust) or None)
+    if output is not None:
+        _predict_to_parquet(clf, bundle, images, output, top_k, batch_size, providers, threads, as_json, logits,
+                            engine, address, workers, part_rows)
+        return
     paths, missing = [], []
     for item in images:  # a missing path is reported with the others' predictions, not instead of them
         try:
@@ -387,6 +459,29 @@ def predict_cmd(bundle: Path, images: tuple[Path, ...], top_k: int, batch_size: 
     failed = [p for p in predictions if not p.ok]
     if failed:
         click.echo(f"{len(failed)} of {len(predictions)} images failed", err=True)
+        sys.exit(1)
+
+
+def _predict_to_parquet(clf, bundle: Path, images: tuple[Path, ...], output: Path, top_k: int, batch_size: int,
+                        providers: tuple[str, ...], threads: int | None, as_json: bool, logits: bool, engine: str,
+                        address: str | None, workers: int | None, part_rows: int | None) -> None:
+    """`rtk predict --output`: the batch job (toolkit.batch), one summary line, exit 1 if any row failed."""
+    from toolkit.batch import PART_ROWS, BatchOptions, run_local
+
+    if as_json:
+        raise RtkError("--json prints predictions; with --output they go to Parquet: drop one of the two")
+    options = BatchOptions(top_k=top_k, logits=logits, part_rows=part_rows or PART_ROWS, batch_size=batch_size)
+    if engine == "ray":
+        from toolkit.batch_ray import run_ray
+
+        result = run_ray(clf, bundle, images, output, options, address=address, workers=workers or 1,
+                         threads=threads, providers=providers or None)
+    else:
+        if address:
+            raise RtkError("--address needs --engine ray")
+        result = run_local(clf, images, output, options, decoders=workers)
+    click.echo(result.summary())
+    if result.any_failed:
         sys.exit(1)
 
 
@@ -418,12 +513,13 @@ def predict_cmd(bundle: Path, images: tuple[Path, ...], top_k: int, batch_size: 
 @click.option("--body-timeout-s", default=60.0, show_default=True,
               help="A request body must arrive within this time, else 400 and the connection is closed.")
 @click.option("--keep-alive-s", default=5.0, show_default=True, help="Idle keep-alive connections are closed after.")
-def serve_cmd(bundle: Path, **options) -> None:
+@trust_option
+def serve_cmd(bundle: Path, trust: tuple[Path, ...], **options) -> None:
     """Serve BUNDLE over the Open Inference Protocol (KServe v2 / Triton HTTP): /v2/models/NAME/infer,
     /v2/models/NAME/classify for encoded images, /metrics. Stops cleanly on SIGTERM."""
     from toolkit.server import ServeConfig, serve
 
-    serve(ServeConfig(bundle=str(bundle), **options), echo=click.echo)
+    serve(ServeConfig(bundle=str(bundle), trust=tuple(str(k) for k in trust), **options), echo=click.echo)
 
 
 @main.command("triton")
@@ -434,14 +530,38 @@ def serve_cmd(bundle: Path, **options) -> None:
 @click.option("--max-batch-size", default=32, show_default=True)
 @click.option("--tensorrt", is_flag=True, help="With --device cuda: Triton's TensorRT accelerator (FP16) for the ONNX model.")
 @click.option("--force", is_flag=True, help="Replace the model folder if it exists.")
+@click.option("--threads", type=int, default=None,
+              help="onnxruntime intra-op threads per instance (intra_op_thread_count) [onnxruntime's default].")
+@trust_option
+@click.option("--key", type=click.Path(path_type=Path), default=None,
+              help="Sign the model folder with this EC private key (NAME/bundle.sig).")
+@click.option("--password-env", default=None, metavar="VAR", help="With --key: a variable holding the key's password.")
 def triton_cmd(bundle: Path, output: Path, name: str | None, device: str, max_batch_size: int, tensorrt: bool,
-               force: bool) -> None:
+               force: bool, threads: int | None, trust: tuple[Path, ...], key: Path | None, password_env: str | None) -> None:
     """Write BUNDLE as a Triton model repository (onnxruntime backend), validated with Triton's own ModelConfig."""
+    from toolkit.signing import password_from_env
     from toolkit.triton import TritonConfig, write_repository
 
+    if password_env and key is None:
+        raise RtkError("--password-env needs --key")
     folder = write_repository(bundle, TritonConfig(output=output, name=name, device=device, max_batch_size=max_batch_size,
-                                                   tensorrt=tensorrt, force=force))
-    click.echo(f"wrote {folder} (config.pbtxt validated against Triton's ModelConfig and the ONNX file)")
+                                                   tensorrt=tensorrt, force=force, threads=threads),
+                              trust=list(trust) or None, key=key, password=password_from_env(password_env))
+    click.echo(f"wrote {folder} (config.pbtxt validated against Triton's ModelConfig and the ONNX file)"
+               + (f"; signed with {key}" if key else ""))
+
+
+@main.command("sign")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--key", required=True, type=click.Path(path_type=Path), help="EC private key (PEM; P-256, P-384 or P-521).")
+@click.option("--password-env", default=None, metavar="VAR", help="A variable holding the key's password.")
+def sign_cmd(bundle: Path, key: Path, password_env: str | None) -> None:
+    """Sign every file of BUNDLE (OpenSSF model signing) into BUNDLE/bundle.sig, replacing an old signature.
+    Consumers check it with --trust PUB.pem. Sign last: a later change to any file breaks the signature."""
+    from toolkit.signing import SIGNATURE, password_from_env, sign_bundle
+
+    count = sign_bundle(bundle, key, password_from_env(password_env))
+    click.echo(f"signed {count} files of {bundle} into {bundle / SIGNATURE}")
 
 
 @main.command("demo")

@@ -31,7 +31,16 @@ from toolkit.manifest import FileEntry
 from toolkit.runners.torch_runner import keeps_torch_threads
 from toolkit.sessions import SessionSettings, open_onnxruntime, open_openvino
 from toolkit.tables import render
-from toolkit.verify import Gates, compare, load_inputs, reference_logits, run_batched
+from toolkit.verify import (
+    Gates,
+    accuracy_pairs,
+    change_words,
+    compare,
+    load_inputs,
+    near_tie_words,
+    reference_logits,
+    run_batched,
+)
 
 DEFAULT_RECIPES = (
     QuantRecipe(),
@@ -65,6 +74,7 @@ class OptimizeConfig:
     min_seconds: float = 2.0
     seed: int = 0
     rounds: int = 10  # interleaved timing rounds (see rtk benchmark)
+    gates: Gates = Gates()  # top-1 on the decisive images (its margin), the interval's confidence
 
     def __post_init__(self) -> None:
         if self.max_accuracy_drop < 0:
@@ -265,7 +275,7 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
     threads = config.threads or usable_cpus()
     torch.set_num_threads(threads)
     reference = reference_logits(model, spec, holdout.crops)
-    gates = Gates()
+    gates = config.gates
     rows: list[dict[str, Any]] = []
     passing: list[tuple[Any, dict[int, np.ndarray], dict[str, Any]]] = []
     rng = np.random.default_rng(config.seed)
@@ -286,10 +296,13 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
         row["threads"] = threads
         out = run_batched(entry, holdout.crops)
         m = compare(out, reference, holdout.names, holdout.labels, entry.precision, gates)
-        drop_points = -100 * m["accuracy_change"]
+        drop_points = -100 * m["accuracy_change"]  # the gate is on the point estimate; the interval is reported
         failed = list(m["failed_metrics"]) + (["max_accuracy_drop"] if drop_points > config.max_accuracy_drop + 1e-9 else [])
+        interval, pairs = accuracy_pairs(out, reference, holdout.labels, gates.confidence, config.max_accuracy_drop / 100)
         row.update(accuracy=m["accuracy"], reference_accuracy=m["reference_accuracy"],
-                   accuracy_change_points=100 * m["accuracy_change"], top1_agreement=m["top1_agreement"],
+                   accuracy_change_points=100 * m["accuracy_change"], accuracy_interval_points=[100 * v for v in interval],
+                   accuracy_pairs=pairs, top1_agreement=m["top1_agreement"],
+                   top1_agreement_where_clear=m["top1_agreement_where_clear"], near_ties=m["near_ties"],
                    max_abs_diff=m["max_abs_diff"], failed_metrics=failed, passed=not failed)
         if failed:
             rows.append({**row, "status": "failed verification"})
@@ -301,7 +314,8 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
         if entry.runtime.startswith("openvino"):
             selftest_outputs[f"{entry.runtime}:{entry.artifact}"] = entry(_selftest_images(bundle))
         echo(f"{entry.runtime:<14} {entry.artifact:<36} {row['settings']:<30} verified: "
-             f"accuracy {100 * m['accuracy']:.2f}% ({row['accuracy_change_points']:+.2f} pt)")
+             f"accuracy {100 * m['accuracy']:.2f}% ({change_words(row['accuracy_change_points'], row['accuracy_interval_points'], pairs)}; "
+             f"near-ties {near_tie_words(row['near_ties'])})")
     # Time every verified candidate in shuffled rounds, so a slowdown of the host hits all alike.
     timing = BenchConfig(batch_sizes=config.batch_sizes, warmup=config.warmup, iterations=config.iterations,
                          min_seconds=config.min_seconds, rounds=config.rounds, seed=config.seed)
@@ -339,13 +353,15 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
                    "speedup_vs_openvino_default": best[f"b{first}"].get("speedup_vs_openvino_default"), "batch_size": first,
                    "p50_ms": best[f"b{first}"]["p50_ms"], "speedup_vs_eager": best[f"b{first}"].get("speedup_vs_eager"),
                    "speedup_vs_eager_spread": best[f"b{first}"].get("speedup_spread"),
-                   "accuracy_change_points": best["accuracy_change_points"]}
+                   "accuracy_change_points": best["accuracy_change_points"],
+                   "accuracy_interval_points": best["accuracy_interval_points"]}
     from toolkit.env import library_versions
 
     report = {"arch": bundle.manifest.arch, "image_size": spec.crop_size,
               "versions": {**library_versions(), "openvino": version_of("openvino")},
               "holdout": str(holdout_dir), "holdout_images": len(holdout.crops), "calibration": str(calib_dir),
               "calibration_images": len(crops), "max_accuracy_drop_points": config.max_accuracy_drop,
+              "decisive_margin": gates.decisive_margin, "confidence": gates.confidence,
               "batch_sizes": list(config.batch_sizes), "threads": threads, "cpu": cpu,
               "rounds": config.rounds,
               "ranking": [f"{r['runtime']}:{r['artifact']}:{r['settings']}" for r in ranked],
@@ -380,12 +396,25 @@ def _ort_cpu(path: Path):
     return open_onnxruntime(path, SessionSettings()).run
 
 
+def fidelity_cells(row: dict[str, Any]) -> list[str]:
+    """The accuracy change's interval, whether the held-out set resolves the bound, top-1 on the decisive
+    images and the near-ties: '-' for a candidate that never ran."""
+    if row.get("accuracy_interval_points") is None:
+        return ["-"] * 4
+    low, high = row["accuracy_interval_points"]
+    pairs = row["accuracy_pairs"]
+    held_out = "resolves" if pairs["resolved"] else (
+        f"too small: ~{pairs['images_to_resolve']} images" if pairs["images_to_resolve"] else "too small")
+    return [f"{low:+.2f} to {high:+.2f}", held_out, f"{100 * row['top1_agreement_where_clear']:.2f}%",
+            near_tie_words(row["near_ties"])]
+
+
 def format_table(report: dict[str, Any], markdown: bool = False) -> str:
     """Ranked candidates: passing ones by p50 at the first batch size, then failed and skipped ones."""
     sizes = report["batch_sizes"]
     head = ["rank", "runtime", "artifact", "precision", "settings"] + [
         h for b in sizes for h in (f"b{b} p50 ms", f"b{b} vs eager", f"b{b} ratio spread")] + [
-        "accuracy", "change (pt)", "result"]
+        "accuracy", "change (pt)", "CI (pt)", "held-out set", "top-1 decisive", "near-ties", "result"]
     passed = sorted((r for r in report["candidates"] if r["status"] == "passed"), key=lambda r: r[f"b{sizes[0]}"]["p50_ms"])
     others = [r for r in report["candidates"] if r["status"] != "passed"]
     body = []
@@ -398,6 +427,7 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
                       f"{100 * spread:.1f}%" if spread is not None else "-"] if stats else ["-", "-", "-"]
         cells += [f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-",
                   f"{r['accuracy_change_points']:+.2f}" if r.get("accuracy_change_points") is not None else "-",
+                  *fidelity_cells(r),
                   "pass" if r["status"] == "passed" else (f"FAIL: {', '.join(r['failed_metrics'])}"
                                                            if r["status"] == "failed verification" else f"skipped: {r['reason']}")]
         body.append(cells)
@@ -406,9 +436,16 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
     against = [f"{rec[key]:.2f}x {name}{spread if key == 'speedup_vs_eager' else ''}" for key, name in (
         ("speedup_vs_eager", "eager fp32"), ("speedup_vs_onnxruntime_default", "onnxruntime's default (model.onnx, graph all)"),
         ("speedup_vs_openvino_default", "OpenVINO's default (model.onnx, f32)")) if rec.get(key)]
+    interval = (" ({:g}% CI {:+.2f} to {:+.2f})".format(100 * report.get("confidence", 0.95), *rec["accuracy_interval_points"])
+                if rec.get("accuracy_interval_points") else "")
     footer = (f"recommended: {rec['runtime']} on {rec['artifact']} ({rec['settings']}): p50 {rec['p50_ms']:.2f} ms at batch "
               f"{rec['batch_size']}, {', '.join(against) or 'no baseline measured'}, accuracy change "
-              f"{rec['accuracy_change_points']:+.2f} pt; timed in {report.get('rounds', 1)} interleaved rounds")
+              f"{rec['accuracy_change_points']:+.2f} pt{interval}; timed in {report.get('rounds', 1)} interleaved rounds")
+    rule = (f"Gates: top-1 as the reference on every image where it is decisive (top two logits {report.get('decisive_margin', 0.05):g} x "
+            f"the largest |logit| apart; the near-ties are counted, flipped -> to right / to wrong, not gated); accuracy change "
+            f"(paired) >= -{report['max_accuracy_drop_points']} pt on the point estimate; CI: exact "
+            f"{100 * report.get('confidence', 0.95):g}% interval (toolkit/stats.py); `held-out set` says whether that interval is "
+            f"no wider than the bound, or about how many images would make it so.")
     if markdown:
         v = report.get("versions", {})
         title = [f"# rtk optimize: {report.get('arch', '?')} at {report.get('image_size', '?')} px", "",
@@ -418,6 +455,6 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
                  f"{report['calibration_images']} images of {report['calibration']}; max accuracy drop "
                  f"{report['max_accuracy_drop_points']} pt. Latency: p50 per call; `vs eager` is eager fp32 p50 / this p50; "
                  f"`ratio spread` is (max - min) / median of that ratio over the {report.get('rounds', 1)} interleaved rounds.", ""]
-        lines = title + [render(head, body, "markdown")]
+        lines = title + [rule, "", render(head, body, "markdown")]
         return "\n".join(lines) + f"\n\n**{footer}**"
-    return render(head, body) + "\n" + footer
+    return render(head, body) + "\n" + footer + "\n" + rule

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from toolkit.sessions import (
     open_session,
     openvino_problem,
 )
+
+if TYPE_CHECKING:
+    from toolkit.signing import TrustedCopy
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -97,22 +100,27 @@ class Classifier:
         self.max_pixels = max_pixels
         # the file resizes and crops inside its graph: predict() decodes only, and feeds whole images
         self.any_size = False
+        self.trusted = None  # with Classifier.load(trust=...): the private copy of the signed files it serves
 
     @classmethod
     def load(cls, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None,
              self_test: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, runtime: str = "auto",
-             any_size: bool = False) -> Classifier:
+             any_size: bool = False, trust: Sequence[str | os.PathLike] | None = None) -> Classifier:
         """Load a bundle folder or an ONNX file.
 
         A bundle serves what `rtk optimize` recommended for the device asked for, with exactly the
         session settings it verified (else model.onnx with verify's defaults for that device: TF32
         off). `runtime="auto"` runs a recommended OpenVINO session when openvino is installed (without
         it onnxruntime runs the same file, with a warning); "onnxruntime" or "openvino" force one.
+        `trust` (public key files): the bundle must be signed by one of them (toolkit.signing), and what
+        is loaded is a private copy of the files it serves whose sha256 are the signed ones.
         """
         if runtime not in ("auto", "onnxruntime", "openvino"):
             raise RtkError(f"runtime must be auto, onnxruntime or openvino, got {runtime!r}")
         device = device_for(providers)
-        model_path, settings = serving_choice(Path(path), device, threads, runtime, any_size)
+        trusted = trusted_files(Path(path), trust, device, threads, runtime, any_size) if trust is not None else None
+        model_path, settings = serving_choice(trusted.root if trusted else Path(path), device, threads, runtime,
+                                              any_size)
         try:
             if model_path.suffix == ".xml":  # an OpenVINO IR: only OpenVINO reads it, metadata included
                 from toolkit.openvino_ir import metadata
@@ -138,6 +146,7 @@ class Classifier:
             warnings.warn(f"{model_path.name}: {backend.placement_warning()}", stacklevel=2)
         clf = cls(backend, model_path, classes, spec, precision, max_pixels)
         clf.any_size = any_size_file
+        clf.trusted = trusted
         if self_test:
             clf.self_test()
         return clf
@@ -195,11 +204,15 @@ class Classifier:
                     results[i] = Prediction(_name(images[i], i), [], [], [], error=str(exc))
             if not inputs:
                 continue
-            # an any-size file takes one image size per call: images of the same size still share one
-            logits = self.logits(np.stack(inputs)) if not self.any_size else _by_shape(self.logits, inputs)
+            logits = self.batch_logits(inputs)
             for row, (idx, scores) in zip(where, self.top_k(logits, k)):
                 results[row] = Prediction(_name(images[row], row), [self.classes[j] for j in idx], idx, scores)
         return [r for r in results if r is not None]
+
+    def batch_logits(self, inputs: list[np.ndarray]) -> np.ndarray:
+        """Logits for a list of `model_input` results, in their order."""
+        # an any-size file takes one image size per call: images of the same size still share one
+        return self.logits(np.stack(inputs)) if not self.any_size else _by_shape(self.logits, inputs)
 
     def model_input(self, image: ImageSource) -> np.ndarray:
         """What the file takes for one image: the decoded image (any-size files) or its resized crop."""
@@ -300,7 +313,7 @@ def _by_shape(run, images: list[np.ndarray]) -> np.ndarray:
 
 
 def serving_choice(path: Path, device: str, threads: int | None = None,
-                   runtime: str = "auto", any_size: bool = False) -> tuple[Path, SessionSettings]:
+                   runtime: str = "auto", any_size: bool = False, check: bool = True) -> tuple[Path, SessionSettings]:
     """The ONNX file to serve on `device` and its session settings.
 
     The bundle's recommendation is used only where it fits: recorded for this device, an ONNX file,
@@ -344,9 +357,29 @@ def serving_choice(path: Path, device: str, threads: int | None = None,
             raise RtkError(f"runtime openvino asked for, but {problem}")
     if threads:
         settings = replace(settings, threads=threads)
-    if bundle is not None:  # what is served is the file the manifest describes (and an IR's .bin with it)
+    if bundle is not None and check:  # what is served is the file the manifest describes (and an IR's .bin with it)
         bundle.check_file(model_path.name)
     return model_path, settings
+
+
+def trusted_files(path: Path, trust: Sequence[str | os.PathLike], device: str, threads: int | None, runtime: str,
+                  any_size: bool) -> TrustedCopy:
+    """The bundle's signature checked against `trust`, then a private copy (toolkit.signing.TrustedCopy) of
+    what serving reads: the manifest and self-test data, then the file serving_choice picks from that copied
+    manifest, with an OpenVINO IR's weights."""
+    from toolkit.signing import trusted_copy
+
+    if not path.is_dir():
+        raise RtkError(f"--trust needs a bundle folder (a signature covers a folder), got {path}")
+
+    def served(root: Path) -> list[str]:
+        with warnings.catch_warnings():  # said once, by the real choice on the copy
+            warnings.simplefilter("ignore")
+            model, _ = serving_choice(root, device, threads, runtime, any_size, check=False)
+        weights = Bundle.open(root).manifest.files[model.name].get("weights")
+        return [model.name] + ([str(weights.get("file"))] if isinstance(weights, dict) else [])
+
+    return trusted_copy(path, trust, served, first=(MANIFEST, SELFTEST))
 
 
 def _name(source: Any, index: int) -> str:

@@ -88,6 +88,7 @@ class ServeConfig:
     body_timeout_s: float = 60.0
     keep_alive_s: float = 5.0
     metrics_token_env: str | None = None
+    trust: tuple[str, ...] = ()  # public keys: serve only a bundle one of them signed (toolkit.signing)
 
     def __post_init__(self) -> None:
         if min(self.max_batch_size, self.max_queue, self.max_images, self.max_connections, self.max_header_kb) < 1:
@@ -911,7 +912,8 @@ def model_info(clf: Classifier, bundle: str, name: str | None, max_batch_size: i
     from toolkit.manifest import Manifest
 
     root = Path(bundle)
-    softmax_output = (root / MANIFEST).is_file() and Manifest.read(root / MANIFEST).softmax
+    served = clf.path.parent / MANIFEST  # the manifest beside the served file: a trusted bundle's private copy
+    softmax_output = root.is_dir() and served.is_file() and Manifest.read(served).softmax
     default = root.resolve().name if root.is_dir() else root.stem
     return ModelInfo(name or default, clf.spec.crop_size, tuple(clf.classes),
                      ("logits", "probabilities") if softmax_output else ("logits",), clf.path.name, max_batch_size)
@@ -922,7 +924,9 @@ def serve(config: ServeConfig, echo: Callable[[str], None] = print) -> None:
     import uvicorn
 
     start = time.perf_counter()
-    clf = Classifier.load(config.bundle, providers=[config.provider], threads=config.threads)
+    # with --trust a refused bundle raises here, before anything listens: it never becomes ready
+    clf = Classifier.load(config.bundle, providers=[config.provider], threads=config.threads,
+                          trust=list(config.trust) or None)
     info = model_info(clf, config.bundle, config.name, config.max_batch_size)
     app = create_app(clf, config, info)
     server = uvicorn.Server(uvicorn_config(app, config))
@@ -931,6 +935,10 @@ def serve(config: ServeConfig, echo: Callable[[str], None] = print) -> None:
     echo(f"serving {info.name}: {clf.path.name} on {clf.providers[0]} ({clf.settings.engine}, "
          f"{clf.settings.threads or 'default'} threads); dynamic batching up to {config.max_batch_size} within "
          f"{config.max_queue_delay_ms:g} ms, queue {config.max_queue}; bearer token {token}")
+    if clf.trusted is not None:
+        verified = clf.trusted.verified
+        echo(f"signature verified: {len(verified.digests)} files of {verified.root} signed by {verified.key}; "
+             f"serving private copies in {clf.trusted.root}")
     echo(f"bounds: body {config.max_body_mb:g} MB (JSON {config.max_json_mb:g} MB), {config.max_inflight_mb:g} MB "
          f"of bodies in memory, {config.max_images} images per /classify, {config.max_connections} connections, "
          f"headers {config.max_header_kb} KB, timeouts: head {config.header_timeout_s:g} s, body "

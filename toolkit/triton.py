@@ -9,17 +9,18 @@ the bundle it is made from. Torch-free.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.bundle import LABELS, Bundle
+from toolkit.bundle import LABELS, MANIFEST, Bundle
 from toolkit.errors import ArtifactBroken, RtkError
 from toolkit.fileio import check_replaceable, install_folder, naming, refuse_overlap, write_text
 from toolkit.sessions import SessionSettings, open_onnxruntime
+from toolkit.signing import copy_hashed, load_private_key, sign_folder, trusted_copy
 
 ONNX_TO_TRITON = {"tensor(uint8)": "TYPE_UINT8", "tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16"}
 PREFERRED_BATCH_SIZES = (4, 8, 16, 32, 64)
@@ -37,6 +38,7 @@ class TritonConfig:
     max_queue_delay_us: int = 2000
     instances: int = 1
     force: bool = False
+    threads: int | None = None  # onnxruntime's intra-op threads per instance; None: onnxruntime's default (all cores)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -45,19 +47,26 @@ class TritonConfig:
             raise RtkError("--max-batch-size must be at least 1")
         if self.tensorrt and self.device != "cuda":
             raise RtkError("--tensorrt needs --device cuda")
+        if self.threads is not None and self.threads < 1:
+            raise RtkError("--threads must be at least 1")
 
 
-def model_file(bundle: Bundle, device: str) -> tuple[str, bool]:
-    """The ONNX file Triton should serve, and whether OpenVINO was recommended for it.
-
-    CUDA gets model.onnx; the CPU gets `rtk optimize`'s recommended ONNX file when there is one, except
-    onnxruntime's hardware-specific optimised graph (another machine may load it)."""
+def served_name(bundle: Bundle, device: str) -> str:
+    """The ONNX file Triton should serve. CUDA gets model.onnx; the CPU gets `rtk optimize`'s recommended
+    ONNX file when there is one, except onnxruntime's hardware-specific optimised graph (another machine
+    may load it)."""
     rec = bundle.manifest.recommended or {}
-    name = "model.onnx"
     if device == "cpu" and rec.get("device", "cpu") == "cpu" and str(rec.get("artifact", "")).endswith(".onnx"):
         entry = bundle.manifest.files.get(rec["artifact"])
         if entry is not None and not entry.get("hardware_specific"):
-            name = rec["artifact"]
+            return rec["artifact"]
+    return "model.onnx"
+
+
+def model_file(bundle: Bundle, device: str) -> tuple[str, bool]:
+    """The ONNX file Triton should serve (served_name), checked, and whether OpenVINO was recommended for it."""
+    rec = bundle.manifest.recommended or {}
+    name = served_name(bundle, device)
     if name not in bundle.files:
         raise RtkError(f"{bundle.root} has no {name}: export with --format onnx first")
     bundle.check_file(name)  # confined to the bundle before it is hashed: no file outside it is read
@@ -94,6 +103,8 @@ def config_text(name: str, inputs, outputs, config: TritonConfig, openvino: bool
               f"  max_queue_delay_microseconds: {config.max_queue_delay_us}", "}",
               "instance_group [", f"  {{ count: {config.instances} kind: {'KIND_GPU' if config.device == 'cuda' else 'KIND_CPU'} }}",
               "]"]
+    if config.threads:  # the onnxruntime backend's own parameter (its model config, not the server's flags)
+        lines += [f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{config.threads}" }} }}']
     if config.tensorrt:
         lines += ["optimization { execution_accelerators {", "  gpu_execution_accelerator: [ {", '    name: "tensorrt"',
                   '    parameters { key: "precision_mode" value: "FP16" }', "  } ]", "} }"]
@@ -137,13 +148,24 @@ def model_name(bundle: Bundle, name: str | None) -> str:
     return name
 
 
-def write_repository(bundle_path: str | Path, config: TritonConfig) -> Path:
-    """Write REPO/NAME (config.pbtxt, labels.txt, 1/model.onnx); returns the model folder."""
+def write_repository(bundle_path: str | Path, config: TritonConfig, trust: Sequence[str | Path] | None = None,
+                     key: str | Path | None = None, password: bytes | None = None) -> Path:
+    """Write REPO/NAME (config.pbtxt, labels.txt, 1/model.onnx); returns the model folder.
+
+    With `trust`, only from a bundle one of those public keys signed, and from private copies of its files
+    (toolkit.signing); with `key`, the model folder is signed too (NAME/bundle.sig) before it is swapped in."""
     bundle = Bundle.open(bundle_path)
     name = model_name(bundle, config.name)
     folder = Path(config.output) / name
     refuse_overlap(folder, [("the bundle", bundle.root)], "rtk triton")  # --force would delete it
     check_replaceable(folder, config.force)
+    if key is not None:
+        load_private_key(Path(key), password)  # a bad key is refused before the work, not after it
+    trusted = None
+    if trust is not None:
+        trusted = trusted_copy(bundle.root, trust, lambda root: [served_name(Bundle.open(root), config.device)],
+                               first=(MANIFEST, LABELS))
+        bundle = Bundle.open(trusted.root)
     file, openvino = model_file(bundle, config.device)
     labels = bundle.labels()  # confined, bounded, equal to the manifest's classes: written, never copied
     inputs, outputs = _io(bundle.path(file))
@@ -155,22 +177,23 @@ def write_repository(bundle_path: str | Path, config: TritonConfig) -> Path:
         _copy_model(bundle, file, staging / "1" / "model.onnx", folder / "1" / "model.onnx")
         write_text(staging / LABELS, "\n".join(labels) + "\n")
         write_text(staging / "config.pbtxt", text)
+        if key is not None:
+            sign_folder(staging, key, password)
         install_folder(staging, folder, config.force, "rtk triton")
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        if trusted is not None:
+            trusted.close()
     return folder
 
 
 def _copy_model(bundle: Bundle, file: str, dest: Path, shown: Path) -> None:
     """Copy the bundle's model file and check the copy's sha256 against the manifest (the file checked
     before may have been swapped since)."""
-    digest = hashlib.sha256()
     with naming(shown), open(bundle.confined(file, "the model file"), "rb") as src:
         dest.parent.mkdir()
         with open(dest, "wb") as out:  # not shutil.copyfile: its ENOSPC names the source, not the full disk
-            for block in iter(lambda: src.read(1 << 20), b""):
-                digest.update(block)  # the bytes written are the bytes hashed: one read
-                out.write(block)
-    if digest.hexdigest() != bundle.manifest.files[file].sha256:
+            digest = copy_hashed(src, out)  # the bytes written are the bytes hashed: one read
+    if digest != bundle.manifest.files[file].sha256:
         raise ArtifactBroken(f"{file} in {bundle.root} changed while it was copied: its sha256 differs from the manifest's")
