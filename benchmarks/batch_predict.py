@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--name", default="resnet50", help="the model, for the results file's name")
     parser.add_argument("--tag", default=None, help="the machine [toolkit.hardware's CPU tag]")
     args = parser.parse_args()
+    # the manifests live in a temporary folder, and a manifest's relative paths are relative to it
+    args.images, args.bundle = args.images.resolve(), str(Path(args.bundle).resolve())
     cpu = cpu_info()
     work = Path(tempfile.mkdtemp(prefix="rtk-batch-bench-"))
     try:
