@@ -129,6 +129,7 @@ def test_pillows_pass_order_for_region_resizes():
     from toolkit.preprocess import _vertical_first
 
     assert _vertical_first((400, 100), (144, 36)) is False  # wide
+    assert _vertical_first((400, 400), (36, 36)) is False  # square: horizontal first, like a wide image
     assert _vertical_first((100, 400), (100, 400)) is False  # tall, but the width does not shrink
     assert _vertical_first((100, 400), (36, 144)) is True
     assert _vertical_first((100, 300), (36, 108)) is True  # exactly 3:1
