@@ -280,35 +280,41 @@ def verify_cmd(bundle: Path, checkpoint: Path | None, images: str | None, random
 
 
 def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **options) -> None:
-    from toolkit.errors import CheckFailed
-    from toolkit.fileio import check_writable_file, write_json
+    from toolkit.fileio import check_writable_file
     from toolkit.verify import format_report, verify_bundle
 
     check_writable_file(json_path)
     report = verify_bundle(bundle, images=images, random_images=random_images, checkpoint=checkpoint, **options)
-    click.echo(format_report(report))
-    if json_path:
-        write_json(json_path, report)
-    if not report["passed"]:
+
+    def failure() -> str:
         failed = [f"{r['artifact']} on {r['runtime']} ({', '.join(r['failed_metrics'])})" for r in report["records"] if not r["passed"]]
         reason = "; ".join(failed) or ("no runtime could run" if not report["records"]
                                        else "in-graph preprocessing differs from Normalize")
-        raise CheckFailed("verification failed: " + reason)
+        return "verification failed: " + reason
+
+    _report(report, format_report(report), json_path, failure)
 
 
 def _run_verify_endpoint(bundle, target, images, random_images, checkpoint, gates, threads, json_path, runtimes) -> None:
     from toolkit.endpoint import failure_line, format_endpoint_report, verify_endpoint
-    from toolkit.errors import CheckFailed
-    from toolkit.fileio import check_writable_file, write_json
+    from toolkit.fileio import check_writable_file
 
     check_writable_file(json_path)
     report = verify_endpoint(bundle, target, images=images, random_images=random_images, checkpoint=checkpoint,
                              gates=gates, threads=threads, runtimes=runtimes)
-    click.echo(format_endpoint_report(report))
+    _report(report, format_endpoint_report(report), json_path, lambda: failure_line(report))
+
+
+def _report(report: dict, text: str, json_path: Path | None, failure) -> None:
+    """Print a verification's table, write its JSON, and fail with `failure()`'s line when it did not pass."""
+    from toolkit.errors import CheckFailed
+    from toolkit.fileio import write_json
+
+    click.echo(text)
     if json_path:
         write_json(json_path, report)
     if not report["passed"]:
-        raise CheckFailed(failure_line(report))
+        raise CheckFailed(failure())
 
 
 @main.command("benchmark")
