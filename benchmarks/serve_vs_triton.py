@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from serve_load import Server, closed_loop  # noqa: E402
 
-from tests.triton_local import TritonServer, triton_problem  # noqa: E402
+from tests.triton_local import TritonServer, rss_mb, triton_problem  # noqa: E402
 from toolkit.hardware import cpu_info  # noqa: E402
 from toolkit.runtime import Classifier  # noqa: E402
 from toolkit.tables import render  # noqa: E402
@@ -90,13 +90,6 @@ def main() -> None:
               "ready_seconds": {"rtk serve": rtk.ready_seconds, "Triton": triton_ready},
               "rss_mb_at_ready": {"rtk serve": rtk_rss, "Triton": triton_rss}}
     write(report, tag, args)
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def median(rounds: list[dict], key: str) -> float:

@@ -35,6 +35,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory now (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 class TritonServer:
     """tritonserver on a model repository, HTTP and gRPC on 127.0.0.1 only, metrics off. A context manager:
     it waits for readiness (or for every model to fail loading) and stops the process it started."""
@@ -88,11 +96,8 @@ class TritonServer:
         return self.log.read_text(errors="replace") if self.log.is_file() else ""
 
     def rss_mb(self) -> float:
-        """The server's resident memory now (VmRSS)."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        """The server's resident memory now."""
+        return rss_mb(self.proc.pid)
 
     def stop(self) -> int | None:
         """SIGTERM to the PID this started; SIGKILL if it has not exited 20 s later."""
