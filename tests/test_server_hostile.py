@@ -418,20 +418,36 @@ def served_in_process(tiny_bundle):
 def test_idle_connections_cannot_crowd_out_real_clients(small):
     """300 idle sockets against a cap of 40: probes still answer, the descriptors stay bounded."""
     before = small.fds()
-    socks = []
+    with watched(small) as watch, idle_sockets(small.url, 300):
+        time.sleep(0.5)
+        assert small.fds() - before <= 40 + 5, small.fds()
+        assert http(f"{small.url}/v2/health/ready")[0] == 200
+    assert_bounded(watch, rss_mb=64)
+    time.sleep(2.5)  # the head timeout closed those still open when the flood ended
+    assert small.fds() - before <= 5
+
+
+@contextlib.contextmanager
+def idle_sockets(url: str, count: int):
+    """`count` connections that never send a byte, opened by a child process and held until the block ends.
+    Another process, as an attacker is: opened from this one, the flood would hold the GIL between the
+    probe's connect and its send, and a probe that sends nothing is rightly taken for an idle socket."""
+    host, port = url.split(":")
+    code = ("import socket, sys\n"
+            f"socks = [socket.create_connection(({host!r}, {port}), timeout=5) for _ in range({count})]\n"
+            "print(len(socks), flush=True)\n"
+            "sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        with watched(small) as watch:
-            for _ in range(300):
-                socks.append(socket.create_connection(small.url.split(":"), timeout=5))
-            time.sleep(0.5)
-            assert small.fds() - before <= 40 + 5, small.fds()
-            assert http(f"{small.url}/v2/health/ready")[0] == 200
-        assert_bounded(watch, rss_mb=64)
-        time.sleep(2.5)  # the head timeout closes those still open
-        assert small.fds() - before <= 5
+        assert proc.stdout.readline().strip() == str(count), "the flood could not open its sockets"
+        yield
     finally:
-        for s in socks:
-            s.close()
+        proc.stdin.close()  # the child closes its sockets and exits
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def test_uploads_held_one_byte_short_are_answered_and_released(small):
