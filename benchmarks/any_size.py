@@ -27,11 +27,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.bundle import ANY_SIZE_FILE  # noqa: E402
-from toolkit.hardware import cpu_info  # noqa: E402
-from toolkit.runtime import Classifier  # noqa: E402
-from toolkit.tables import render  # noqa: E402
-from toolkit.verify import verify_bundle  # noqa: E402
+from toolkit.core.bundle import ANY_SIZE_FILE  # noqa: E402
+from toolkit.core.hardware import cpu_info  # noqa: E402
+from toolkit.core.tables import render  # noqa: E402
+from toolkit.evaluation.verify import verify_bundle  # noqa: E402
+from toolkit.serving.classifier import Classifier  # noqa: E402
 
 # downscale, upscale, portrait, landscape, panorama, a few pixels wide, 3000 px, very tall: made with Pillow's
 # LANCZOS and saved as PNG, so every variant is exactly what the reference reads (tests/test_any_size.py uses them)
@@ -55,8 +55,8 @@ def crops_against_torchvision(bundle: Path, paths: list[Path]):
     import onnxruntime as ort
     from onnx import helper
 
-    from toolkit.manifest import Manifest
-    from toolkit.verify import torchvision_crop
+    from toolkit.core.manifest import Manifest
+    from toolkit.evaluation.verify import torchvision_crop
 
     spec = Manifest.read(bundle / "manifest.json").preprocess
     model = onnx.load(str(bundle / ANY_SIZE_FILE))

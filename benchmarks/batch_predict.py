@@ -31,9 +31,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.batch import walk_images  # noqa: E402
-from toolkit.hardware import cpu_info, usable_cpus  # noqa: E402
-from toolkit.runtime import Classifier  # noqa: E402
+from toolkit.core.hardware import cpu_info, usable_cpus  # noqa: E402
+from toolkit.serving.batch import walk_images  # noqa: E402
+from toolkit.serving.classifier import Classifier  # noqa: E402
 
 
 def manifest(images: Path, count: int, folder: Path) -> Path:
@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=usable_cpus())
     parser.add_argument("--rss-at", type=int, action="append", default=[], help="only measure RSS at these counts")
     parser.add_argument("--name", default="resnet50", help="the model, for the results file's name")
-    parser.add_argument("--tag", default=None, help="the machine [toolkit.hardware's CPU tag]")
+    parser.add_argument("--tag", default=None, help="the machine [toolkit.core.hardware's CPU tag]")
     args = parser.parse_args()
     # the manifests live in a temporary folder, and a manifest's relative paths are relative to it
     args.images, args.bundle = args.images.resolve(), str(Path(args.bundle).resolve())

@@ -29,11 +29,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.benchmark import time_runner  # noqa: E402
-from toolkit.bundle import Bundle  # noqa: E402
-from toolkit.hardware import cpu_info, usable_cpus  # noqa: E402
-from toolkit.runners import Runner, RunOptions, plan  # noqa: E402
-from toolkit.tables import render  # noqa: E402
+from toolkit.core.bundle import Bundle  # noqa: E402
+from toolkit.core.hardware import cpu_info, usable_cpus  # noqa: E402
+from toolkit.core.tables import render  # noqa: E402
+from toolkit.evaluation.benchmark import time_runner  # noqa: E402
+from toolkit.evaluation.runners import Runner, RunOptions, plan  # noqa: E402
 
 RESNET50_GOP = 2 * 4.1  # multiply-adds per 224 px image, as operations
 

@@ -19,9 +19,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.benchmark import BenchConfig, run_benchmark  # noqa: E402
-from toolkit.hardware import cpu_info  # noqa: E402
-from toolkit.tables import render  # noqa: E402
+from toolkit.core.hardware import cpu_info  # noqa: E402
+from toolkit.core.tables import render  # noqa: E402
+from toolkit.evaluation.benchmark import BenchConfig, run_benchmark  # noqa: E402
 
 
 def neighbour(seconds: float, seed: int) -> None:

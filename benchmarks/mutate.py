@@ -51,34 +51,34 @@ VERIFY_UNIT = tuple(f"tests/test_verify.py::{t}" for t in (
     "test_only_int8_is_judged_against_the_accuracy_drop_bound")) + ("tests/test_any_size.py::test_the_any_size_gate",) + (
     ("tests/test_gates.py", "-k", "not rtk_verify and not negative_margin") if (ROOT / "tests/test_gates.py").exists() else ())
 TARGETS = {
-    "bundle": Target("toolkit/bundle.py", (
+    "bundle": Target("toolkit/core/bundle.py", (
         "takes_any_size", "file_name", "Bundle.files", "Bundle.confined", "Bundle.labels", "Bundle.any_size",
         "Bundle.integrity_problem", "Bundle._file_problem", "Bundle.check_file"), INTEGRITY_TESTS),
-    "manifest": Target("toolkit/manifest.py", (
+    "manifest": Target("toolkit/core/manifest.py", (
         "_check", "check_plain_name", "preprocess_spec", "FileEntry.from_dict", "Manifest.from_dict"), INTEGRITY_TESTS),
-    "verify gates": Target("toolkit/verify.py", (
+    "verify gates": Target("toolkit/evaluation/verify.py", (
         "max_abs_diff", "max_rel_diff", "mean_abs_diff", "cosine_min", "topk_sets", "top1_agreement", "top5_agreement",
         "accuracy", "atol_needed", "compare",
         *(f for f in ("logit_scale", "decisive", "near_tie_flips", "accuracy_pairs", "top1_gate")
-          if f"def {f}(" in (ROOT / "toolkit/verify.py").read_text())), VERIFY_UNIT),
-    "any-size graph": Target("toolkit/graph.py", (
+          if f"def {f}(" in (ROOT / "toolkit/evaluation/verify.py").read_text())), VERIFY_UNIT),
+    "any-size graph": Target("toolkit/export/graph.py", (
         "Preprocess.__init__", "Preprocess.forward", "_axis_weights", "_round_half_even_half", "_to_uint8_levels",
         "ResizeCenterCrop.forward"),
         ("tests/test_any_size.py::test_the_graph_crops_ties_where_torchvision_does",
          "tests/test_any_size.py::test_in_graph_weights_are_on_pillows_fixed_point_grid",
          "tests/test_any_size.py::test_black_and_white_survive_the_in_graph_resize",
          "tests/test_preprocess.py::test_the_graph_normalisation_is_torchvisions")),
-    "server batcher and codec": Target("toolkit/server.py", (
+    "server batcher and codec": Target("toolkit/serving/server.py", (
         "Batcher.stop", "Batcher.submit", "Batcher._next", "Batcher._loop", "Batcher._call", "parse_infer",
         "_split_binary", "uint8_data", "_binary_images", "_parameters", "_outputs", "infer_response"),
         ("tests/test_server_units.py",)),
-    "self-test": Target("toolkit/runtime.py", (
+    "self-test": Target("toolkit/serving/classifier.py", (
         "softmax", "Classifier.self_test", "Classifier.top_k", "read_selftest", "_npy_bytes"),
         ("tests/test_selftest_units.py",)),
-    "benchmark statistics": Target("toolkit/benchmark.py", (
+    "benchmark statistics": Target("toolkit/evaluation/benchmark.py", (
         "latency_stats", "time_runner", "add_speedups", "round_ratios"),
         ("tests/test_benchmark.py", "-k", "latency_stats or time_runner or speedups_against")),
-    "preprocess": Target("toolkit/preprocess.py", (  # what makes host crops torchvision's, byte for byte
+    "preprocess": Target("toolkit/core/preprocess.py", (  # what makes host crops torchvision's, byte for byte
         "resized_size", "_crop_origin", "resize_crop", "region_resize_crop", "_vertical_first", "_axis_taps",
         "_apply_taps"),
         ("tests/test_preprocess.py", "tests/test_decode_bounds.py", "-k",
@@ -426,7 +426,7 @@ def main() -> None:
                 print(f"{key}\t{m.function}\tline {m.line}\t{m.description}")
         print(f"{sum(map(len, mutants.values()))} mutants", file=sys.stderr)
         return
-    from toolkit.hardware import cpu_info
+    from toolkit.core.hardware import cpu_info
 
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"mutate-{cpu_info().tag}.md"
     if args.survivors:
@@ -482,7 +482,7 @@ def _merge(path: Path, keys: list[str], mutants: dict[str, list[Mutant]], wall: 
 
 
 def render(state: dict) -> str:
-    from toolkit.hardware import cpu_info
+    from toolkit.core.hardware import cpu_info
 
     cpu = cpu_info()
     rows, survivors = [], []

@@ -11,7 +11,7 @@ RTK=${RTK:-.venv/bin/rtk}
 PY=${PY:-.venv/bin/python}
 WORK=${WORK:-artifacts/bench}
 RESULTS=${RESULTS:-benchmarks/results}
-TAG=${TAG:-$($PY -c "from toolkit.hardware import cpu_info; print(cpu_info().tag)")}
+TAG=${TAG:-$($PY -c "from toolkit.core.hardware import cpu_info; print(cpu_info().tag)")}
 ARCHS=${ARCHS:-resnet50 resnet18}
 mkdir -p "$WORK" "$RESULTS"
 [ -d "$WORK/digits" ] || $RTK data digits "$WORK/digits" --size 256

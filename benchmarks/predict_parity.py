@@ -13,11 +13,11 @@ import sys
 
 import numpy as np
 
-from toolkit.bundle import Bundle
-from toolkit.checkpoint import source_from_manifest
-from toolkit.preprocess import list_images
-from toolkit.runtime import Classifier
-from toolkit.verify import reference_logits, torchvision_crop
+from toolkit.core.bundle import Bundle
+from toolkit.core.preprocess import list_images
+from toolkit.evaluation.verify import reference_logits, torchvision_crop
+from toolkit.serving.classifier import Classifier
+from toolkit.training.checkpoint import source_from_manifest
 
 
 def main(bundle_path: str, paths: list[str]) -> int:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.preprocess import center_crop, open_image, resize_shorter
-from toolkit.runtime import Classifier
+from toolkit.core.preprocess import center_crop, open_image, resize_shorter
+from toolkit.serving.classifier import Classifier
 
 
 def median_ms(fn, repeats: int) -> float:

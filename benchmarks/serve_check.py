@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.runtime import Classifier  # noqa: E402
+from toolkit.serving.classifier import Classifier  # noqa: E402
 
 
 def main() -> int:

@@ -31,9 +31,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.hardware import cpu_info  # noqa: E402
-from toolkit.runtime import Classifier  # noqa: E402
-from toolkit.tables import render  # noqa: E402
+from toolkit.core.hardware import cpu_info  # noqa: E402
+from toolkit.core.tables import render  # noqa: E402
+from toolkit.serving.classifier import Classifier  # noqa: E402
 
 MAX_REQUESTS = 200_000  # a hard bound on every loop, whatever the time says
 

@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from serve_load import Server, closed_loop  # noqa: E402
 
 from tests.triton_local import TritonServer, rss_mb, triton_problem  # noqa: E402
-from toolkit.hardware import cpu_info  # noqa: E402
-from toolkit.runtime import Classifier  # noqa: E402
-from toolkit.tables import render  # noqa: E402
+from toolkit.core.hardware import cpu_info  # noqa: E402
+from toolkit.core.tables import render  # noqa: E402
+from toolkit.serving.classifier import Classifier  # noqa: E402
 
 MAX_BATCH, DELAY_MS = 8, 2
 

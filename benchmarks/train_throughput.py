@@ -1,6 +1,6 @@
 """Training images/s at 224 px, batch 32: plain fp32 (NCHW) against `--precision auto` with channels_last.
 
-Uses the same `toolkit.train.train_step` as `rtk train`, on synthetic batches so only the model's
+Uses the same `toolkit.training.train.train_step` as `rtk train`, on synthetic batches so only the model's
 work is measured (no decoding). Usage:
 
     python benchmarks/train_throughput.py [--archs resnet18 resnet50] [--steps 4] [--markdown PATH]
@@ -15,9 +15,9 @@ import time
 import torch
 from torch import nn
 
-from toolkit.env import cpu_info, environment
-from toolkit.models import build
-from toolkit.train import TrainConfig, make_optimizer, resolve_runtime, train_step
+from toolkit.evaluation.env import cpu_info, environment
+from toolkit.training.models import build
+from toolkit.training.train import TrainConfig, make_optimizer, resolve_runtime, train_step
 
 
 def measure(arch: str, precision: str, channels_last: bool, batch: int, size: int, steps: int, warmup: int) -> float:

@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.runtime import Classifier  # noqa: E402
-from toolkit.signing import TrustedCopy, sign_folder, verify_folder  # noqa: E402
+from toolkit.serving.classifier import Classifier  # noqa: E402
+from toolkit.serving.signing import TrustedCopy, sign_folder, verify_folder  # noqa: E402
 
 
 def median_s(fn, repeat: int) -> float:

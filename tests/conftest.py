@@ -96,7 +96,7 @@ def copy_bundle(src: Path, dst: Path, files: tuple[str, ...] = ("model.onnx",)) 
 def reseal(bundle: Path, name: str) -> None:
     """Record a changed file's sha256 and size in the manifest: an export that was already wrong when
     written, which only the parity check itself can catch."""
-    from toolkit.fileio import sha256_file
+    from toolkit.core.fileio import sha256_file
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["files"][name].update(sha256=sha256_file(bundle / name), bytes=(bundle / name).stat().st_size)
@@ -122,8 +122,8 @@ def _broken_but_fast(src, dst):
 @pytest.fixture(scope="session")
 def optimized(tiny_bundle, tiny_data, tmp_path_factory):
     """`rtk optimize` on a copy of the tiny bundle (shared: test_optimize and the real Triton read it)."""
-    from toolkit.export import QuantRecipe
-    from toolkit.optimize import OptimizeConfig, optimize_bundle
+    from toolkit.evaluation.optimize import OptimizeConfig, optimize_bundle
+    from toolkit.export.quantize import QuantRecipe
 
     bundle = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("opt") / "b", files=("model.onnx", "model.fp16.onnx", "model.int8.onnx"))
     _broken_but_fast(bundle / "model.onnx", bundle / "model.fp16.onnx")

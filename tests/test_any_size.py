@@ -13,8 +13,8 @@ from PIL import Image
 # Real photos of many sizes and shapes, made from scikit-learn's two 640x427 JPEGs (the benchmark uses the same)
 from benchmarks.any_size import VARIANTS  # noqa: E402
 from tests.conftest import copy_bundle, rtk
-from toolkit.bundle import ANY_SIZE_FILE
-from toolkit.runtime import Classifier
+from toolkit.core.bundle import ANY_SIZE_FILE
+from toolkit.serving.classifier import Classifier
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +63,9 @@ def test_the_graph_crops_ties_where_torchvision_does(photos):
     whose crop offset is a tie: one pixel off is a shifted crop, tens of grey levels on real photos."""
     import torch
 
-    from toolkit.graph import ResizeCenterCrop
-    from toolkit.preprocess import PreprocessSpec
-    from toolkit.verify import torchvision_crop
+    from toolkit.core.preprocess import PreprocessSpec
+    from toolkit.evaluation.verify import torchvision_crop
+    from toolkit.export.graph import ResizeCenterCrop
 
     for spec in (PreprocessSpec(36, 32), PreprocessSpec(64, 49)):
         module = ResizeCenterCrop(spec)
@@ -92,7 +92,7 @@ def test_in_graph_weights_are_on_pillows_fixed_point_grid():
     exactly those, each row still summing to one (within the rounding), so a float matmul lands where Pillow does."""
     import torch
 
-    from toolkit.graph import PIL_FIXED_POINT, _axis_weights
+    from toolkit.export.graph import PIL_FIXED_POINT, _axis_weights
 
     assert PIL_FIXED_POINT == 2.0 ** 22
     for n_in, n_out, start, count in [(427, 36, 2, 32), (100, 55, 12, 32), (3000, 53, 10, 32), (9, 36, 2, 32)]:
@@ -115,9 +115,9 @@ def test_black_and_white_survive_the_in_graph_resize():
     """Pixels at 0 and 255 stay exactly there (Pillow clips each pass to 0..255; nothing shifts the levels)."""
     import torch
 
-    from toolkit.graph import ResizeCenterCrop
-    from toolkit.preprocess import PreprocessSpec
-    from toolkit.verify import torchvision_crop
+    from toolkit.core.preprocess import PreprocessSpec
+    from toolkit.evaluation.verify import torchvision_crop
+    from toolkit.export.graph import ResizeCenterCrop
 
     image = np.zeros((90, 153, 3), np.uint8)
     image[:, 80:] = 255
@@ -147,9 +147,9 @@ def test_a_wrong_resize_fails_verification(tiny_bundle, tiny_run, photo_variants
     import dataclasses
 
     from tests.conftest import reseal
-    from toolkit.checkpoint import load_source
-    from toolkit.export import ExportConfig, write_any_size
-    from toolkit.graph import AnySizeClassifier
+    from toolkit.export.exporter import ExportConfig, write_any_size
+    from toolkit.export.graph import AnySizeClassifier
+    from toolkit.training.checkpoint import load_source
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=(ANY_SIZE_FILE,))
     model, source = load_source(tiny_run / "checkpoint.pt")
@@ -162,7 +162,7 @@ def test_a_wrong_resize_fails_verification(tiny_bundle, tiny_run, photo_variants
 
 
 def test_the_any_size_gate():
-    from toolkit.verify import Gates, compare
+    from toolkit.evaluation.verify import Gates, compare
 
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(8, 3)) * 3
@@ -185,7 +185,7 @@ def test_the_classifier_decodes_only_and_agrees_with_host_resizing(tiny_bundle, 
 
 def test_bad_input_is_one_clear_error(tiny_bundle):
     from toolkit.errors import RtkError
-    from toolkit.runners import check_batch
+    from toolkit.evaluation.runners import check_batch
 
     clf = Classifier.load(tiny_bundle, any_size=True)
     for bad in (np.zeros((4, 5), np.float32), np.zeros((5, 5, 2), np.uint8), np.zeros((0, 5, 3), np.uint8)):

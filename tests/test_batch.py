@@ -59,7 +59,7 @@ def good(rows: list[dict]) -> dict[str, dict]:
 
 
 def test_bad_files_among_good_are_rows_with_errors(bundle, images, tmp_path):
-    from toolkit.runtime import Classifier
+    from toolkit.serving.classifier import Classifier
 
     out = tmp_path / "out"
     result = rtk("predict", bundle, images, tmp_path / "missing.png", "--output", out, "--part-rows", "4",
@@ -203,8 +203,8 @@ def test_batch_options_need_output_and_each_other(bundle, images, tmp_path):
 
 
 def test_cpu_budget_is_checked_before_any_actor_starts():
-    from toolkit.batch_ray import cpus_per_actor
     from toolkit.errors import RtkError
+    from toolkit.serving.batch_ray import cpus_per_actor
 
     assert cpus_per_actor(8, 2, None) == 3  # all but one CPU, shared
     assert cpus_per_actor(4, 1, 2) == 2
@@ -219,9 +219,9 @@ def test_ray_on_two_nodes_gives_the_in_process_rows(bundle, images, tmp_path, mo
     pytest.importorskip("ray.data")
     from ray.cluster_utils import Cluster
 
-    from toolkit.batch import BatchOptions, run_local
-    from toolkit.batch_ray import run_ray
-    from toolkit.runtime import Classifier
+    from toolkit.serving.batch import BatchOptions, run_local
+    from toolkit.serving.batch_ray import run_ray
+    from toolkit.serving.classifier import Classifier
 
     manifest = _manifest_txt(tmp_path, images, 200)
     inputs = [manifest, images]  # a manifest and a folder (with its two bad files)

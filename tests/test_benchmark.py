@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import copy_bundle, error_line, rtk
-from toolkit.benchmark import BenchConfig, latency_stats, table, time_runner
 from toolkit.errors import RtkError
+from toolkit.evaluation.benchmark import BenchConfig, latency_stats, table, time_runner
 
 FAST = ("--warmup", "1", "--iterations", "3", "--min-seconds", "0")
 
@@ -37,7 +37,7 @@ def test_time_runner_samples_are_the_calls_durations():
 
 
 def test_speedups_against_eager_at_the_same_batch_size_and_their_spread():
-    from toolkit.benchmark import add_speedups
+    from toolkit.evaluation.benchmark import add_speedups
 
     def row(runtime, batch, p50, rounds=None, skipped=False):
         return {"runtime": runtime, "batch_size": batch, "p50_ms": p50, "skipped": skipped,
@@ -106,7 +106,7 @@ def test_benchmark_structure_percentiles_skips_and_threads(tiny_bundle, tmp_path
 
 
 def test_threads_default_to_the_process_affinity(monkeypatch):
-    monkeypatch.setattr("toolkit.benchmark.usable_cpus", lambda: 3)
+    monkeypatch.setattr("toolkit.evaluation.benchmark.usable_cpus", lambda: 3)
     assert BenchConfig().thread_count == 3
     assert BenchConfig(threads=1).thread_count == 1
 
@@ -115,7 +115,7 @@ def test_threads_default_to_the_process_affinity(monkeypatch):
 def test_unstable_figures_are_flagged(tiny_bundle, tmp_path, monkeypatch, interleave):
     """The benchmark itself marks a figure whose spread is above 10% (and only such a figure): in its JSON
     record, in the table and in the line it prints. Timings are faked so the spread is known."""
-    from toolkit.benchmark import UNSTABLE_CV, run_benchmark
+    from toolkit.evaluation.benchmark import UNSTABLE_CV, run_benchmark
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     spreads = {1: [0.001, 0.001, 0.003], 2: [0.001, 0.00105, 0.00095]}  # batch -> samples: cv 0.69, cv 0.05
@@ -124,7 +124,7 @@ def test_unstable_figures_are_flagged(tiny_bundle, tmp_path, monkeypatch, interl
         call(prepared)
         return list(spreads[len(prepared) if not isinstance(prepared, dict) else len(next(iter(prepared.values())))])
 
-    monkeypatch.setattr("toolkit.benchmark.time_runner", fake_timer)
+    monkeypatch.setattr("toolkit.evaluation.benchmark.time_runner", fake_timer)
     lines: list[str] = []
     config = BenchConfig(runtimes=("ort-cpu",), batch_sizes=(1, 2), warmup=0, iterations=3, min_seconds=0, threads=1,
                          interleave=interleave, rounds=1)
@@ -206,7 +206,7 @@ def test_interleaved_rounds_time_every_runtime_in_each_round(tiny_bundle, tmp_pa
 
 
 def test_the_rounds_run_in_a_new_order_each_time(monkeypatch):
-    from toolkit import benchmark
+    from toolkit.evaluation import benchmark
 
     order: list[tuple[str, int]] = []
 

@@ -5,7 +5,10 @@ import sys
 import pytest
 
 from tests.conftest import rtk
-from toolkit import __version__, env
+from toolkit import __version__
+from toolkit.core import versions
+from toolkit.core.hardware import CpuInfo
+from toolkit.evaluation import env
 
 
 def test_help_lists_every_command():
@@ -76,9 +79,9 @@ def test_doctor_warns_without_onnxscript_and_fails_when_required_is_broken(monke
 
 
 def test_cpu_features_parsed_from_flags():
-    cpu = env.CpuInfo("x", 4, 2, frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}))
+    cpu = CpuInfo("x", 4, 2, frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}))
     assert cpu.avx512 and cpu.avx512_bf16 and cpu.amx and cpu.fast_bf16
-    assert not env.CpuInfo("x", 4, 2, frozenset({"avx2"})).fast_bf16
+    assert not CpuInfo("x", 4, 2, frozenset({"avx2"})).fast_bf16
 
 
 @pytest.mark.parametrize("args", [["train"], ["verify"], ["export"], ["nosuchcommand"], ["train", "--epochs", "x"]])
@@ -116,7 +119,7 @@ def test_tensorrt_without_its_libraries_is_unavailable(monkeypatch):
     import ctypes.util
     import types
 
-    from toolkit import sessions
+    from toolkit.serving import sessions
 
     fake_ort = types.SimpleNamespace(get_available_providers=lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setitem(sys.modules, "onnxruntime", fake_ort)
@@ -161,8 +164,8 @@ def test_without_the_training_stack_predict_works_and_train_says_what_to_install
 def test_versions_name_both_onnxruntime_packages_when_both_are_installed(monkeypatch):
     """The GPU machine had onnxruntime 1.30.0 and onnxruntime-gpu 1.31.1: reports named only the first."""
     installed = {"onnxruntime": "1.30.0", "onnxruntime-gpu": "1.31.1"}
-    monkeypatch.setattr(env, "version_of", lambda name: installed.get(name, None if name.startswith("onnxruntime") else "1.0"))
-    assert env.library_versions()["onnxruntime"] == "onnxruntime-gpu 1.31.1, onnxruntime 1.30.0"
+    monkeypatch.setattr(versions, "version_of", lambda name: installed.get(name, None if name.startswith("onnxruntime") else "1.0"))
+    assert versions.library_versions()["onnxruntime"] == "onnxruntime-gpu 1.31.1, onnxruntime 1.30.0"
     installed = {"onnxruntime-gpu": "1.31.1"}
-    monkeypatch.setattr(env, "version_of", lambda name: installed.get(name, None if name.startswith("onnxruntime") else "1.0"))
-    assert env.library_versions()["onnxruntime"] == "onnxruntime-gpu 1.31.1"
+    monkeypatch.setattr(versions, "version_of", lambda name: installed.get(name, None if name.startswith("onnxruntime") else "1.0"))
+    assert versions.library_versions()["onnxruntime"] == "onnxruntime-gpu 1.31.1"

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import error_line, make_imagefolder, rtk
-from toolkit.data import discover
 from toolkit.errors import RtkError
+from toolkit.training.data import discover
 
 
 def test_digits_imagefolder(tmp_path):

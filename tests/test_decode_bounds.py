@@ -25,8 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from toolkit.errors import RtkError
-from toolkit.preprocess import (
+from toolkit.core.preprocess import (
     _RESAMPLING,
     FULL_RESIZE_BUDGET,
     PreprocessSpec,
@@ -39,12 +38,13 @@ from toolkit.preprocess import (
     resized_size,
     to_rgb,
 )
+from toolkit.errors import RtkError
 
 MB = 1 << 20
 CHILD = r"""
 import json, resource, sys, time
 from toolkit.errors import RtkError
-from toolkit.preprocess import PreprocessSpec, any_size_array, crop_array
+from toolkit.core.preprocess import PreprocessSpec, any_size_array, crop_array
 data = open(sys.argv[1], "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
@@ -109,7 +109,7 @@ def test_deep_greyscale_keeps_its_levels_in_integer_arithmetic():
 
 
 def test_banded_conversion_gives_the_whole_image_result(monkeypatch):
-    from toolkit import preprocess
+    from toolkit.core import preprocess
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (37, 11, 4), dtype=np.uint8), "RGBA"),

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import copy_bundle, rtk
+from toolkit.core.preprocess import PreprocessSpec, crop_array
 from toolkit.errors import RtkError
-from toolkit.preprocess import PreprocessSpec, crop_array
 
 
 def tree_hash(folder: Path) -> str:
@@ -106,7 +106,7 @@ def test_a_read_only_bundle_is_refused_before_verifying(tiny_bundle, tmp_path, m
 
     real = os.access
     # tests run as root, where chmod does not bite: the bundle answers "not writable", everything else as it is
-    monkeypatch.setattr("toolkit.bundle.os.access",
+    monkeypatch.setattr("toolkit.core.bundle.os.access",
                         lambda path, mode: False if mode == os.W_OK and str(path).startswith(str(bundle)) else real(path, mode))
     result = rtk("verify", bundle, "--random", "2")
     assert result.exit_code == 2 and "is not writable" in one_error_line(result)
@@ -119,7 +119,7 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "d"))
 
-    monkeypatch.setattr("toolkit.fileio.os.fsync", full)
+    monkeypatch.setattr("toolkit.core.fileio.os.fsync", full)
     result = rtk("data", "digits", tmp_path / "d", "--size", "8")
     assert result.exit_code == 2
     assert one_error_line(result) == f"Error: No space left on device: {tmp_path / 'd'}"
@@ -196,7 +196,7 @@ def _requests():
 @given(_requests(), st.binary(max_size=64), st.one_of(st.none(), st.integers(-5, 400).map(str), st.text(max_size=4)))
 def test_server_request_parsing_never_crashes(request, binary, header):
     pytest.importorskip("fastapi")
-    from toolkit.server import BadRequest, ModelInfo, parse_infer
+    from toolkit.serving.server import BadRequest, ModelInfo, parse_infer
 
     info = ModelInfo("m", 4, ("a", "b"), ("logits",), "model.onnx", 8)
     body = json.dumps(request).encode() + (binary if header is not None else b"")

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from tests.conftest import error_line, rtk
-from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+from toolkit.core.preprocess import PreprocessSpec
 from toolkit.errors import RtkError
-from toolkit.export import QuantRecipe
-from toolkit.graph import ImageClassifier
-from toolkit.preprocess import PreprocessSpec
+from toolkit.export.graph import ImageClassifier
+from toolkit.export.quantize import QuantRecipe
+from toolkit.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 BLOCK_TORCH = textwrap.dedent("""
     import sys
@@ -86,7 +86,7 @@ def test_onnx_matches_eager_in_a_process_without_torch(tiny_bundle, tiny_run, tm
 
 @pytest.mark.parametrize("name", ["model.ts", "model.pt2"])
 def test_torch_formats_match_eager_with_dynamic_batch(tiny_bundle, tiny_run, name):
-    from toolkit.runners.torch_runner import load_pt2, load_torchscript
+    from toolkit.export.loaders import load_pt2, load_torchscript
 
     module = load_torchscript(tiny_bundle / name) if name.endswith(".ts") else load_pt2(tiny_bundle / name)
     for n in (1, 3, 16):
@@ -218,8 +218,8 @@ def test_torchscript_convolutions_are_traced_without_tf32(tiny_bundle):
 
 def test_int8_setting_follows_the_instruction_set(tiny_bundle):
     """u8 x s8 where int8 dot products are one instruction; 7-bit weights where onnxruntime's kernels saturate."""
-    from toolkit.export import QuantRecipe, int8_recipe_for
-    from toolkit.hardware import CpuInfo
+    from toolkit.core.hardware import CpuInfo
+    from toolkit.export.quantize import QuantRecipe, int8_recipe_for
 
     avx2 = CpuInfo("EPYC", 2, 2, frozenset({"avx2", "fma"}))
     avx512 = CpuInfo("Xeon", 2, 2, frozenset({"avx2", "avx512f", "avx512bw"}))

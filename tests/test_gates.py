@@ -1,5 +1,5 @@
 """The gates of fp16, bf16, int8 and any-size files: top-1 where the reference is decisive, the near-ties
-reported by direction, and the accuracy change with its exact interval (toolkit/stats.py)."""
+reported by direction, and the accuracy change with its exact interval (toolkit/evaluation/stats.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from onnx import numpy_helper
 
 from tests.conftest import copy_bundle, error_line, reseal, rtk
-from toolkit import stats
-from toolkit import verify as v
 from toolkit.errors import RtkError
+from toolkit.evaluation import stats
+from toolkit.evaluation import verify as v
 
 # ---------------------------------------------------------------- the decisive margin, at its boundary
 
@@ -220,7 +220,7 @@ def test_the_drop_gate_is_on_the_point_estimate():
 
 
 def test_the_optimize_table_says_when_the_held_out_set_is_too_small():
-    from toolkit.optimize import fidelity_cells
+    from toolkit.evaluation.optimize import fidelity_cells
 
     ref, labels = _near_tie_model(np.random.default_rng(0))
     out = ref.copy()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.hardware import CpuInfo, cpu_info
+from toolkit.core.hardware import CpuInfo, cpu_info
 
 AVX512 = frozenset({"avx2", "avx512f", "avx512_vnni"})
 
@@ -57,9 +57,9 @@ def test_reads_the_first_cpus_cpuid_fields(monkeypatch, tmp_path):
     fake = tmp_path / "cpuinfo"
     fake.write_text(CPUINFO)
     real_open = builtins.open
-    monkeypatch.setattr("toolkit.hardware.open", lambda path, *a, **k: real_open(fake if path == "/proc/cpuinfo" else path, *a, **k),
+    monkeypatch.setattr("toolkit.core.hardware.open", lambda path, *a, **k: real_open(fake if path == "/proc/cpuinfo" else path, *a, **k),
                         raising=False)
-    monkeypatch.setattr("toolkit.hardware.platform.processor", lambda: "")
+    monkeypatch.setattr("toolkit.core.hardware.platform.processor", lambda: "")
     cpu = cpu_info()
     assert (cpu.vendor, cpu.family, cpu.model_number) == ("AuthenticAMD", 25, 17)
     assert cpu.model == "AMD EPYC 9R14 96-Core Processor" and cpu.generation == "Zen 4"

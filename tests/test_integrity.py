@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import copy_bundle, rtk
-from toolkit.bundle import Bundle, file_name
+from toolkit.core.bundle import Bundle, file_name
+from toolkit.core.manifest import FileEntry, Manifest, check_plain_name, preprocess_spec
 from toolkit.errors import ArtifactBroken, RtkError
-from toolkit.manifest import FileEntry, Manifest, check_plain_name, preprocess_spec
 
 XML, BIN = "model.openvino.xml", "model.openvino.bin"
 
@@ -271,7 +271,7 @@ def test_a_huge_labels_file_is_refused_unread(bundle):
 
 
 def test_a_labels_file_of_exactly_the_limit_is_read_whole(bundle):
-    from toolkit.bundle import LABELS_MAX_BYTES
+    from toolkit.core.bundle import LABELS_MAX_BYTES
 
     (bundle / "labels.txt").write_bytes(b"cat\n" + b"\n" * (LABELS_MAX_BYTES - 7) + b"dog")  # its last byte counts
     assert (bundle / "labels.txt").stat().st_size == LABELS_MAX_BYTES
@@ -282,7 +282,7 @@ def test_an_unreadable_labels_file_is_one_line(bundle, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("toolkit.bundle.open", refuse, raising=False)
+    monkeypatch.setattr("toolkit.core.bundle.open", refuse, raising=False)
     with pytest.raises(ArtifactBroken) as caught:
         Bundle.open(bundle).labels()
     assert str(caught.value) == f"cannot read {bundle / 'labels.txt'}: Permission denied"

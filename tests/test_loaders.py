@@ -63,7 +63,8 @@ def test_an_onnx_file_asking_for_a_custom_operator_fails(tiny_bundle, tmp_path):
 def test_an_openvino_ir_with_an_unknown_layer_fails(tiny_bundle, tmp_path):
     """An IR naming an op no OpenVINO opset has (an extension's hook): a FAIL, not a load of anything."""
     pytest.importorskip("openvino", reason="the openvino extra is not installed")
-    from toolkit.openvino_ir import IR_FP32, entry_extra, write_fp32
+    from toolkit.core.openvino_ir import IR_FP32, entry_extra
+    from toolkit.export.openvino import write_fp32
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     xml = bundle / IR_FP32

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from toolkit.core.manifest import FileEntry, Manifest
 from toolkit.errors import RtkError
-from toolkit.manifest import FileEntry, Manifest
 
 
 def test_round_trip_keeps_every_key(tiny_bundle, tmp_path):

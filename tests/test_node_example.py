@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.runtime import Classifier
+from toolkit.serving.classifier import Classifier
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"
 

@@ -7,11 +7,12 @@ import onnx
 import pytest
 
 from tests.conftest import QUICK, copy_bundle, error_line, rtk
-from toolkit import runners, sessions
 from toolkit.errors import CheckFailed
-from toolkit.export import QuantRecipe
-from toolkit.optimize import ORT_OPT_FILE, OptimizeConfig, format_table, optimize_bundle
-from toolkit.runtime import Classifier
+from toolkit.evaluation import runners
+from toolkit.evaluation.optimize import ORT_OPT_FILE, OptimizeConfig, format_table, optimize_bundle
+from toolkit.export.quantize import QuantRecipe
+from toolkit.serving import sessions
+from toolkit.serving.classifier import Classifier
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
@@ -22,7 +23,8 @@ def test_accuracy_control_returns_layers_to_fp32_where_plain_int8_fails(tiny_bun
     its accuracy control against the held-out images keeps only the layers int8 can hold, and passes."""
     from PIL import Image
 
-    from toolkit.openvino_ir import IR_INT8, IR_INT8_AC, nncf_problem
+    from toolkit.core.openvino_ir import IR_INT8, IR_INT8_AC
+    from toolkit.export.openvino import nncf_problem
 
     if nncf_problem():
         pytest.skip(nncf_problem())
@@ -57,7 +59,8 @@ def test_accuracy_control_returns_layers_to_fp32_where_plain_int8_fails(tiny_bun
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="the openvino extra is not installed")
 def test_nncf_int8_ir_is_built_verified_and_servable(optimized):
-    from toolkit.openvino_ir import IR_INT8, nncf_problem
+    from toolkit.core.openvino_ir import IR_INT8
+    from toolkit.export.openvino import nncf_problem
 
     if nncf_problem():
         pytest.skip(nncf_problem())
@@ -74,7 +77,8 @@ def test_nncf_int8_ir_is_built_verified_and_servable(optimized):
 def test_the_nncf_int8_ir_is_served_after_its_self_test(optimized, tiny_data, tmp_path):
     """Recommended for serving, the IR is what Classifier loads (rtk serve's path): its stored self-test outputs
     are this IR's own (a zeroed or foreign expectation fails), and it answers like the fp32 model."""
-    from toolkit.openvino_ir import IR_INT8, nncf_problem
+    from toolkit.core.openvino_ir import IR_INT8
+    from toolkit.export.openvino import nncf_problem
 
     if nncf_problem():
         pytest.skip(nncf_problem())
@@ -181,7 +185,7 @@ def test_openvino_recommendation(tiny_bundle, tiny_data, tmp_path, monkeypatch):
         clf = Classifier.load(bundle)
         assert clf.backend.name == "openvino" and clf.providers == ["OpenVINO CPU (f32)"]
         assert [p.indices[0] for p in clf.predict(images)] == expected
-    monkeypatch.setattr("toolkit.runtime.openvino_problem", lambda hint: "openvino is not installed (pip install ...)")
+    monkeypatch.setattr("toolkit.serving.classifier.openvino_problem", lambda hint: "openvino is not installed (pip install ...)")
     with pytest.warns(UserWarning, match=r"recommends OpenVINO, which cannot run here \(openvino is not installed"):
         clf = Classifier.load(bundle)
     assert clf.backend.name == "onnxruntime"
@@ -201,7 +205,7 @@ def test_openvino_runtime_skips_with_a_reason_without_the_extra(tiny_bundle, mon
 
     monkeypatch.setattr(builtins, "__import__", no_openvino)
     assert sessions.openvino_problem() == "openvino is not installed (pip install -e '.[openvino]')"
-    from toolkit.bundle import Bundle
+    from toolkit.core.bundle import Bundle
 
     entries = runners.plan(Bundle.open(tiny_bundle), ["openvino"], lambda: None, runners.RunOptions())
     assert entries and all(isinstance(e, runners.Skipped) and "not installed" in e.reason for e in entries)
@@ -211,9 +215,9 @@ def test_without_nncf_the_irs_are_not_built_and_a_line_says_what_to_install(tiny
                                                                           monkeypatch):
     import builtins
 
-    from toolkit.bundle import Bundle
-    from toolkit.openvino_ir import nncf_problem
-    from toolkit.optimize import build_nncf_irs
+    from toolkit.core.bundle import Bundle
+    from toolkit.evaluation.optimize import build_nncf_irs
+    from toolkit.export.openvino import nncf_problem
 
     real = builtins.__import__
 
@@ -263,7 +267,7 @@ def test_optimize_needs_a_holdout(tiny_bundle, tiny_data, tmp_path):
 
 
 def test_classifier_serves_the_recommendation_with_the_session_settings_it_was_verified_with(optimized):
-    from toolkit.sessions import SessionSettings
+    from toolkit.serving.sessions import SessionSettings
 
     bundle, report = optimized
     rec = report["recommended"]
@@ -278,8 +282,8 @@ def test_classifier_serves_the_recommendation_with_the_session_settings_it_was_v
 
 
 def test_a_cpu_recommendation_is_never_served_on_cuda(tiny_bundle, tmp_path):
-    from toolkit.runtime import serving_choice
-    from toolkit.sessions import SessionSettings
+    from toolkit.serving.classifier import serving_choice
+    from toolkit.serving.sessions import SessionSettings
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", "model.int8.onnx"))
     manifest = json.loads((bundle / "manifest.json").read_text())

@@ -4,9 +4,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from toolkit.core.preprocess import (
+    PreprocessSpec,
+    center_crop,
+    crop_array,
+    open_image,
+    resize_shorter,
+    to_rgb,
+)
 from toolkit.errors import RtkError
-from toolkit.preprocess import PreprocessSpec, center_crop, crop_array, open_image, resize_shorter, to_rgb
-from toolkit.verify import torchvision_crop
+from toolkit.evaluation.verify import torchvision_crop
 
 
 @pytest.mark.parametrize("spec", [PreprocessSpec(256, 224), PreprocessSpec(232, 224), PreprocessSpec(40, 32),
@@ -112,7 +119,7 @@ def test_the_graph_normalisation_is_torchvisions():
     import torch
     from torchvision.transforms import v2 as T
 
-    from toolkit.graph import Preprocess
+    from toolkit.export.graph import Preprocess
 
     crops = np.random.default_rng(0).integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)
     crops[0, 0, 0] = (0, 128, 255)
@@ -126,7 +133,7 @@ def test_the_graph_normalisation_is_torchvisions():
 def test_pillows_pass_order_for_region_resizes():
     """Which pass Pillow takes first (it shows in the bytes): horizontal for wide images and for a width that does
     not shrink, vertical for tall images shrunk at least 3:1 in aspect; the band in between is refused."""
-    from toolkit.preprocess import _vertical_first
+    from toolkit.core.preprocess import _vertical_first
 
     assert _vertical_first((400, 100), (144, 36)) is False  # wide
     assert _vertical_first((400, 400), (36, 36)) is False  # square: horizontal first, like a wide image
@@ -139,7 +146,7 @@ def test_pillows_pass_order_for_region_resizes():
 
 
 def test_region_resizes_refuse_what_they_cannot_compute():
-    from toolkit.preprocess import region_resize_crop, resized_size
+    from toolkit.core.preprocess import region_resize_crop, resized_size
 
     with pytest.raises(RtkError, match=r"zero-sized side \(0x5\)"):
         resized_size((0, 5), 36)

@@ -8,11 +8,12 @@ import onnxruntime as ort
 import pytest
 
 from tests.conftest import TRAIN_ARGS, copy_bundle, needs_cuda, rtk
-from toolkit import runners, sessions
-from toolkit.bundle import Bundle
+from toolkit.core.bundle import Bundle
 from toolkit.errors import RtkError
-from toolkit.runners import RunOptions, RuntimeUnavailable, Skipped, plan
-from toolkit.sessions import SessionSettings, ort_providers
+from toolkit.evaluation import runners
+from toolkit.evaluation.runners import RunOptions, RuntimeUnavailable, Skipped, plan
+from toolkit.serving import sessions
+from toolkit.serving.sessions import SessionSettings, ort_providers
 
 
 def test_cuda_provider_options():
@@ -105,7 +106,7 @@ def test_runners_do_not_share_module_state(tiny_run):
     changes neither the reference nor what the next runner loads."""
     import torch
 
-    from toolkit.checkpoint import load_source
+    from toolkit.training.checkpoint import load_source
 
     model, source = load_source(tiny_run / "checkpoint.pt")
     row = runners.runtime("eager")
@@ -207,7 +208,7 @@ def test_plain_verify_with_the_default_runtimes_on_a_gpu_machine(tiny_bundle, ti
 
 @needs_cuda
 def test_a_cpu_only_recommendation_is_not_served_on_cuda(tiny_bundle, tmp_path):
-    from toolkit.runtime import Classifier
+    from toolkit.serving.classifier import Classifier
 
     if sessions.provider_problem("CUDAExecutionProvider"):
         pytest.skip(sessions.provider_problem("CUDAExecutionProvider"))

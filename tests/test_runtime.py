@@ -13,11 +13,11 @@ from PIL import Image
 from tests.conftest import copy_bundle, error_line, rtk
 from tests.test_export import BLOCK_TORCH
 from toolkit.errors import CheckFailed, RtkError
-from toolkit.runtime import Classifier
+from toolkit.serving.classifier import Classifier
 
 
 def test_importing_the_runtime_does_not_import_torch():
-    code = "import sys, toolkit.runtime; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'onnx')))"
+    code = "import sys, toolkit.serving.classifier; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'onnx')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -25,7 +25,7 @@ def test_importing_the_runtime_does_not_import_torch():
 def test_runtime_works_where_torch_cannot_be_imported(tiny_bundle, tiny_data):
     image = next((tiny_data / "val" / "circle").iterdir())
     code = BLOCK_TORCH + textwrap.dedent(f"""
-        from toolkit.runtime import Classifier
+        from toolkit.serving.classifier import Classifier
         clf = Classifier.load({str(tiny_bundle)!r}, self_test=True)
         p = clf.predict([{str(image)!r}], top_k=2)[0]
         import json
@@ -42,7 +42,7 @@ def test_runtime_works_where_torch_cannot_be_imported(tiny_bundle, tiny_data):
 
 def test_predict_matches_eager_top1(tiny_bundle, tiny_run, tiny_data):
     from tests.test_export import eager_logits
-    from toolkit.preprocess import crop_array
+    from toolkit.core.preprocess import crop_array
 
     clf = Classifier.load(tiny_bundle)
     paths = sorted((tiny_data / "val").rglob("*.png"))
@@ -116,7 +116,7 @@ def _selftest_with(bundle, change) -> None:
 def test_self_test_refuses_a_changed_top1_within_the_tolerance(tiny_bundle, tmp_path):
     """One image whose two best classes trade places by less than the tolerance: the logits are close, but this
     hardware would answer another class, which the self-test must refuse."""
-    from toolkit.runtime import SELFTEST_TOLERANCE
+    from toolkit.serving.classifier import SELFTEST_TOLERANCE
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     with np.load(bundle / "selftest.npz") as data:
@@ -147,7 +147,7 @@ def test_self_test_refuses_a_changed_top1_within_the_tolerance(tiny_bundle, tmp_
 
 
 def test_self_test_allows_differences_within_the_tolerance(tiny_bundle, tmp_path):
-    from toolkit.runtime import SELFTEST_TOLERANCE
+    from toolkit.serving.classifier import SELFTEST_TOLERANCE
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     with np.load(bundle / "selftest.npz") as data:

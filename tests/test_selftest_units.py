@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from toolkit.core.preprocess import PreprocessSpec
 from toolkit.errors import CheckFailed, RtkError
-from toolkit.preprocess import PreprocessSpec
-from toolkit.runtime import SELFTEST_TOLERANCE, Classifier, read_selftest, softmax
+from toolkit.serving.classifier import SELFTEST_TOLERANCE, Classifier, read_selftest, softmax
 
 EXPECTED = np.array([[4.0, 1.0, -2.0], [0.5, 3.0, 0.4], [-1.0, 0.0, 2.0]], np.float32)  # largest |logit| 4
 
@@ -153,9 +153,9 @@ def test_the_size_limit_counts_what_the_members_declare(tmp_path, monkeypatch):
     np.savez(tmp_path / "s.npz", images=np.zeros((3, 2, 2, 3), np.uint8), k=EXPECTED)
     with zipfile.ZipFile(tmp_path / "s.npz") as archive:
         declared = sum(info.file_size for info in archive.infolist())
-    monkeypatch.setattr("toolkit.runtime.SELFTEST_MAX_BYTES", declared)  # at the limit: read
+    monkeypatch.setattr("toolkit.serving.classifier.SELFTEST_MAX_BYTES", declared)  # at the limit: read
     read_selftest(tmp_path / "s.npz", "k", 2, 3)
-    monkeypatch.setattr("toolkit.runtime.SELFTEST_MAX_BYTES", declared - 1)
+    monkeypatch.setattr("toolkit.serving.classifier.SELFTEST_MAX_BYTES", declared - 1)
     with pytest.raises(CheckFailed, match=f"declares {declared} bytes uncompressed"):
         read_selftest(tmp_path / "s.npz", "k", 2, 3)
 

@@ -27,8 +27,8 @@ httpclient = pytest.importorskip("tritonclient.http", reason="the serve tests ne
 pytest.importorskip("fastapi", reason="the serve tests need the serve extra")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from toolkit.runtime import Classifier  # noqa: E402
-from toolkit.server import ServeConfig, create_app, model_info, uvicorn_config  # noqa: E402
+from toolkit.serving.classifier import Classifier  # noqa: E402
+from toolkit.serving.server import ServeConfig, create_app, model_info, uvicorn_config  # noqa: E402
 
 
 def free_port() -> int:
@@ -81,7 +81,7 @@ def served(tiny_bundle):
 
 
 def crops(clf, tiny_data, n=5) -> tuple[list[Path], np.ndarray]:
-    from toolkit.preprocess import crop_array
+    from toolkit.core.preprocess import crop_array
 
     paths = sorted((tiny_data / "val").rglob("*.png"))[:n]
     return paths, np.stack([crop_array(p, clf.spec) for p in paths])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve tests need the serve extra")
-from toolkit.server import (  # noqa: E402
+from toolkit.serving.server import (  # noqa: E402
     BINARY_HEADER,
     BadRequest,
     Batcher,

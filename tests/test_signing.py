@@ -23,11 +23,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa  # noqa: 
 
 from tests.conftest import copy_bundle, error_line, rtk  # noqa: E402
 from tests.test_export import BLOCK_TORCH  # noqa: E402
-from toolkit import signing  # noqa: E402
+from toolkit.core.fileio import sha256_file  # noqa: E402
 from toolkit.errors import CheckFailed, RtkError  # noqa: E402
-from toolkit.fileio import sha256_file  # noqa: E402
-from toolkit.runtime import Classifier  # noqa: E402
-from toolkit.signing import SIGNATURE, sign_folder, verify_folder  # noqa: E402
+from toolkit.serving import signing  # noqa: E402
+from toolkit.serving.classifier import Classifier  # noqa: E402
+from toolkit.serving.signing import SIGNATURE, sign_folder, verify_folder  # noqa: E402
 
 BUNDLE_FILES = ("labels.txt", "manifest.json", "model.onnx", "selftest.npz")
 
@@ -251,8 +251,8 @@ def test_a_trusted_openvino_ir_is_served_from_private_copies_of_both_its_files(s
     pytest.importorskip("openvino", reason="needs the openvino extra")
     import onnxruntime as ort
 
-    from toolkit.openvino_ir import write_fp32
-    from toolkit.sessions import SessionSettings
+    from toolkit.export.openvino import write_fp32
+    from toolkit.serving.sessions import SessionSettings
 
     bundle = _copy(signed, tmp_path)
     meta = dict(ort.InferenceSession(str(bundle / "model.onnx")).get_modelmeta().custom_metadata_map)
@@ -429,8 +429,8 @@ def test_signing_and_trusted_loading_import_no_torch(signed, keys, tmp_path):
     bundle = _copy(signed, tmp_path)
     code = BLOCK_TORCH + textwrap.dedent(f"""
         import sys
-        from toolkit.runtime import Classifier
-        from toolkit.signing import sign_folder
+        from toolkit.serving.classifier import Classifier
+        from toolkit.serving.signing import sign_folder
         sign_folder({str(bundle)!r}, {str(keys['team'])!r})
         Classifier.load({str(bundle)!r}, threads=1, self_test=True, trust=[{str(keys['team.pub'])!r}])
         print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'onnx')))

@@ -12,12 +12,19 @@ import torch
 from torch import nn
 
 from tests.conftest import TRAIN_ARGS, error_line, rtk
-from toolkit import env, models
-from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+from toolkit.core.fileio import atomic_path
+from toolkit.core.hardware import CpuInfo
 from toolkit.errors import RtkError
-from toolkit.fileio import atomic_path
-from toolkit.models import ARCHS
-from toolkit.train import BF16_CPU_BAD_GRAD_MAX_SIZE, TrainConfig, lr_factor, resolve_runtime, train_step
+from toolkit.training import models
+from toolkit.training.checkpoint import load_checkpoint, model_from_checkpoint
+from toolkit.training.models import ARCHS
+from toolkit.training.train import (
+    BF16_CPU_BAD_GRAD_MAX_SIZE,
+    TrainConfig,
+    lr_factor,
+    resolve_runtime,
+    train_step,
+)
 
 
 def test_outputs_and_self_describing_checkpoint(tiny_run):
@@ -111,8 +118,8 @@ def test_freeze_backbone_trains_only_the_head(tiny_data, tiny_run, tmp_path):
 def test_unfreeze_at_and_backbone_lr_scale():
     config = TrainConfig(freeze_backbone=True, unfreeze_at=3, backbone_lr_scale=0.1, lr=1.0)
     assert [config.backbone_frozen(e) for e in range(4)] == [True, True, False, False]
-    from toolkit.models import build
-    from toolkit.train import make_optimizer
+    from toolkit.training.models import build
+    from toolkit.training.train import make_optimizer
 
     groups = make_optimizer(build("resnet18", 3), config).param_groups
     assert [g["name"] for g in groups] == ["backbone", "head"] and groups[0]["lr"] == pytest.approx(0.1)
@@ -125,15 +132,15 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 
 def test_precision_auto_follows_the_cpu(monkeypatch):
-    fast = env.CpuInfo("x", 2, 2, frozenset({"amx_tile", "amx_bf16"}))
-    slow = env.CpuInfo("x", 2, 2, frozenset({"avx2"}))
-    monkeypatch.setattr("toolkit.train.cpu_info", lambda: fast)
+    fast = CpuInfo("x", 2, 2, frozenset({"amx_tile", "amx_bf16"}))
+    slow = CpuInfo("x", 2, 2, frozenset({"avx2"}))
+    monkeypatch.setattr("toolkit.training.train.cpu_info", lambda: fast)
     assert resolve_runtime(TrainConfig(device="cpu")).precision == "bf16"
-    monkeypatch.setattr("toolkit.train.cpu_info", lambda: slow)
+    monkeypatch.setattr("toolkit.training.train.cpu_info", lambda: slow)
     assert resolve_runtime(TrainConfig(device="cpu")).precision == "fp32"
     with pytest.raises(RtkError, match="fp16 needs CUDA"):
         resolve_runtime(TrainConfig(device="cpu", precision="fp16"))
-    monkeypatch.setattr("toolkit.train.cpu_info", lambda: fast)
+    monkeypatch.setattr("toolkit.training.train.cpu_info", lambda: fast)
     small = BF16_CPU_BAD_GRAD_MAX_SIZE
     assert resolve_runtime(TrainConfig(device="cpu", image_size=small, resize_size=small)).precision == "fp32"
     with pytest.raises(RtkError, match="wrong gradients for images of 16 px"):
@@ -212,7 +219,7 @@ def test_checkpoint_of_another_arch_or_class_count(tiny_data, tiny_run, tmp_path
     line = error_line(result)
     assert "resnet18" in line and "resnet34" in line
     # a 10-class state dict into 3-class data: named, then --reset-head loads all but fc
-    from toolkit.models import build
+    from toolkit.training.models import build
 
     sd = tmp_path / "ten.pth"
     torch.save(build("resnet18", 10).state_dict(), sd)

@@ -62,7 +62,7 @@ def test_bad_input(tiny_bundle, tmp_path):
 
 def test_a_config_that_disagrees_with_the_onnx_file_is_refused():
     from toolkit.errors import RtkError
-    from toolkit.triton import TritonConfig, config_text, validate
+    from toolkit.serving.triton import TritonConfig, config_text, validate
 
     inputs, outputs = [("image", "TYPE_UINT8", [32, 32, 3])], [("logits", "TYPE_FP32", [3])]
     text = config_text("m", inputs, outputs, TritonConfig(output="x"), openvino=False)

@@ -22,7 +22,7 @@ httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (dev extra)")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from toolkit.runtime import Classifier  # noqa: E402
+from toolkit.serving.classifier import Classifier  # noqa: E402
 
 
 # A bundle copy whose manifest recommends `artifact` on `runtime`, as `rtk optimize` would write it.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import copy_bundle, error_line, reseal, rtk
-from toolkit.bundle import Bundle
+from toolkit.core.bundle import Bundle
 from toolkit.errors import ArtifactBroken, RtkError
 
 
@@ -159,7 +159,7 @@ def test_pickle_refused_overrides_torch_export_weights_only_false(tiny_bundle, t
     load of a use_pickle tensor is weights-only (the archive scan is skipped here on purpose)."""
     import torch
 
-    from toolkit.runners.torch_runner import pickle_refused
+    from toolkit.export.loaders import pickle_refused
 
     pt2 = tmp_path / "model.pt2"
     pt2.write_bytes((tiny_bundle / "model.pt2").read_bytes())
@@ -238,7 +238,7 @@ def test_a_files_key_outside_the_bundle_is_refused_by_verify(tiny_bundle, tmp_pa
 
 @pytest.mark.parametrize("artifact", ["ABSOLUTE", "../../x/evil.onnx", "../x/evil.onnx"])
 def test_a_recommended_artifact_outside_the_bundle_is_not_served(tiny_bundle, tmp_path, monkeypatch, artifact):
-    from toolkit.runtime import Classifier
+    from toolkit.serving.classifier import Classifier
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     evil = _outside_copy(tiny_bundle, tmp_path)
@@ -256,7 +256,7 @@ def test_a_recommended_artifact_outside_the_bundle_is_not_served(tiny_bundle, tm
 
 
 def test_a_symlinked_model_file_is_refused(tiny_bundle, tmp_path):
-    from toolkit.runtime import Classifier
+    from toolkit.serving.classifier import Classifier
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     evil = _outside_copy(tiny_bundle, tmp_path)
@@ -271,7 +271,7 @@ def test_a_symlinked_model_file_is_refused(tiny_bundle, tmp_path):
 
 @pytest.mark.parametrize("change", ["flip", "unlisted"])
 def test_the_served_file_is_hashed_before_serving(tiny_bundle, tmp_path, change):
-    from toolkit.runtime import Classifier
+    from toolkit.serving.classifier import Classifier
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     if change == "flip":  # same size, one byte altered: only the sha256 tells
@@ -293,7 +293,7 @@ def test_the_served_file_is_hashed_before_serving(tiny_bundle, tmp_path, change)
 
 
 def test_a_weights_file_outside_the_bundle_is_refused():
-    from toolkit.manifest import FileEntry
+    from toolkit.core.manifest import FileEntry
 
     entry = {"format": "openvino", "precision": "fp32", "sha256": "0" * 64, "bytes": 1,
              "weights": {"file": "../secret.bin", "sha256": "0" * 64, "bytes": 1}}
@@ -331,7 +331,7 @@ def test_a_corrupt_selftest_is_one_line(tiny_bundle, tmp_path, kind, message):
     import numpy as np
 
     from toolkit.errors import CheckFailed
-    from toolkit.runtime import Classifier
+    from toolkit.serving.classifier import Classifier
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     npz = bundle / "selftest.npz"
@@ -358,7 +358,7 @@ def test_an_npz_bomb_is_refused_before_it_is_inflated(tiny_bundle, tmp_path):
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     _npz_bomb(bundle / "selftest.npz", 1_100 * (1 << 20))
-    code = ("import resource, sys\nfrom toolkit.runtime import Classifier\nclf = Classifier.load(sys.argv[1])\n"
+    code = ("import resource, sys\nfrom toolkit.serving.classifier import Classifier\nclf = Classifier.load(sys.argv[1])\n"
             "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "try:\n    clf.self_test()\nexcept Exception as exc:\n    print(type(exc).__name__)\n"
             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n")
@@ -386,7 +386,7 @@ def _onnx_with_metadata(bundle: Path, **props: str) -> None:
     ({"preprocess": '{"resize_size": 48, "crop_size": 40}'}, "its input is .* but its metadata crops 40 x 40 x 3"),
 ])
 def test_corrupt_model_metadata_is_refused_at_load(tiny_bundle, tmp_path, props, message):
-    from toolkit.runtime import Classifier
+    from toolkit.serving.classifier import Classifier
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     _onnx_with_metadata(bundle, **props)
@@ -403,7 +403,7 @@ def test_corrupt_model_metadata_is_refused_at_load(tiny_bundle, tmp_path, props,
     ({"resize_size": 10**9, "crop_size": 224}, "outside 1..8192"),
 ])
 def test_a_wrong_preprocess_in_the_manifest_is_refused(tiny_bundle, preprocess, message):
-    from toolkit.manifest import Manifest
+    from toolkit.core.manifest import Manifest
 
     data = _manifest(tiny_bundle)
     data["preprocess"] = preprocess
@@ -415,7 +415,7 @@ def test_a_wrong_preprocess_in_the_manifest_is_refused(tiny_bundle, preprocess, 
 
 
 def test_verify_write_back_keeps_a_recommendation_added_meanwhile(tiny_bundle, tmp_path, monkeypatch):
-    import toolkit.verify as verify
+    import toolkit.evaluation.verify as verify
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     recommended = {"artifact": "model.onnx", "runtime": "ort-cpu", "device": "cpu", "precision": "fp32",
@@ -443,7 +443,7 @@ def test_manifest_writes_wait_for_the_bundle_lock(tiny_bundle, tmp_path):
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     opened = Bundle.open(bundle)
-    code = ("import json, sys, time\nfrom pathlib import Path\nfrom toolkit.fileio import folder_lock\n"
+    code = ("import json, sys, time\nfrom pathlib import Path\nfrom toolkit.core.fileio import folder_lock\n"
             "b = Path(sys.argv[1])\nwith folder_lock(b, 'test'):\n    print('locked', flush=True)\n"
             "    time.sleep(1.0)\n    m = json.loads((b / 'manifest.json').read_text())\n"
             "    m['optimization'] = {'by': 'other'}\n    (b / 'manifest.json').write_text(json.dumps(m))\n")

@@ -7,7 +7,7 @@ import pytest
 from onnx import numpy_helper
 
 from tests.conftest import copy_bundle, error_line, reseal, rtk
-from toolkit import verify as v
+from toolkit.evaluation import verify as v
 
 # ---------------------------------------------------------------- metrics on arrays with known answers
 

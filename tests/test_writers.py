@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TRAIN_ARGS, copy_bundle, error_line, rtk
-from toolkit.fileio import folder_lock
+from toolkit.core.fileio import folder_lock
 
 SUBPROCESS_TIMEOUT_S = 300
 MODEL_MB = 45  # the tiny resnet18's model files: ~45 MB each, far over the 2 MiB test disk
@@ -242,8 +242,8 @@ def test_triton_onto_a_full_disk_keeps_the_old_repository(triton_bundle, small_d
 def test_openvino_save_onto_a_full_disk_is_an_oserror_naming_the_file(tiny_bundle, small_disk):
     """OpenVINO's save_model writes in C++ and takes no file object: its bare RuntimeError becomes ENOSPC."""
     pytest.importorskip("openvino")
-    from toolkit.fileio import library_writes
-    from toolkit.openvino_ir import write_fp32
+    from toolkit.core.fileio import library_writes
+    from toolkit.export.openvino import write_fp32
 
     xml = small_disk / "model.openvino.xml"
     with pytest.raises(OSError) as caught, library_writes(xml):
@@ -298,8 +298,8 @@ def test_export_install_waits_for_the_folders_lock(tiny_run, tmp_path):
 
 
 def test_optimize_rewrites_the_selftest_under_the_bundle_lock(tiny_bundle, tmp_path):
-    from toolkit.bundle import Bundle
-    from toolkit.optimize import update_selftest
+    from toolkit.core.bundle import Bundle
+    from toolkit.evaluation.optimize import update_selftest
 
     bundle = Bundle.open(copy_bundle(tiny_bundle, tmp_path / "b"))
     before = (bundle.root / "selftest.npz").read_bytes()

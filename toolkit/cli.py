@@ -59,7 +59,7 @@ EXTRA_OF_MODULE = {
 }
 
 
-# Public keys a consumer trusts (toolkit.signing): repeatable, or RTK_TRUST as a colon-separated list.
+# Public keys a consumer trusts (toolkit.serving.signing): repeatable, or RTK_TRUST as a colon-separated list.
 trust_option = click.option(
     "--trust", "trust", multiple=True, envvar="RTK_TRUST", show_envvar=True, type=click.Path(path_type=Path),
     help="A public key (PEM, EC): accept only a bundle it signed (rtk sign). Repeatable.")
@@ -84,7 +84,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def doctor(as_json: bool) -> None:
     """Versions, CPU features, CUDA and onnxruntime providers. Exit 1 if something needed is broken."""
-    from toolkit.env import doctor_report
+    from toolkit.evaluation.env import doctor_report
 
     report = doctor_report()
     if as_json:
@@ -125,7 +125,7 @@ def data() -> None:
 @click.option("--seed", default=0, show_default=True)
 def data_digits(out: Path, size: int, val_fraction: float, seed: int) -> None:
     """Write scikit-learn's handwritten digits (1,797 images, 10 classes) as an RGB ImageFolder."""
-    from toolkit.data import write_digits
+    from toolkit.training.data import write_digits
 
     counts = write_digits(out, size=size, val_fraction=val_fraction, seed=seed)
     click.echo(f"wrote {counts['train']} train and {counts['val']} val images ({size}x{size}) to {out}")
@@ -173,7 +173,7 @@ def train_cmd(ctx: click.Context, data_dir: Path, output: Path, resume: Path | N
     Defaults suit small datasets: AdamW, warm-up then cosine, label smoothing 0.1, crops covering at
     least 35% of the image. Writes checkpoint.pt (best val top-1), last.pt, history.csv, metrics.json.
     """
-    from toolkit.train import TrainConfig, train
+    from toolkit.training.train import TrainConfig, train
 
     explicit_epochs = ctx.get_parameter_source("epochs") == click.core.ParameterSource.COMMANDLINE
     config = TrainConfig(**options)
@@ -214,7 +214,7 @@ def export_cmd(checkpoint: Path | None, output: Path, formats: tuple[str, ...], 
                any_size: bool) -> None:
     """Export CHECKPOINT (or torchvision --arch/--weights) to a bundle: model.onnx, model.ts, model.pt2,
     labels.txt, manifest.json. Input: uint8 [N, S, S, 3] RGB; the preprocessing is inside the graph."""
-    from toolkit.export import ExportConfig, export_bundle
+    from toolkit.export.exporter import ExportConfig, export_bundle
 
     config = ExportConfig(formats=formats or ("onnx", "torchscript", "pt2"), precisions=precisions or ("fp32",),
                           opset=opset, exporter=exporter, softmax=softmax, calibration_data=calibration_data,
@@ -261,7 +261,7 @@ def verify_cmd(bundle: Path, checkpoint: Path | None, images: str | None, random
                trust: tuple[Path, ...]) -> None:
     """Prove every artifact in BUNDLE matches the eager model, or (--endpoint) that a live server answers like
     one of them. Exit 0 all pass, 1 any fails, 2 usage error or endpoint unreachable."""
-    from toolkit.verify import Gates
+    from toolkit.evaluation.verify import Gates
 
     gates = Gates(atol=atol, rtol=rtol, half_top1=fp16_min_top1, int8_top1=int8_min_top1,
                   int8_max_accuracy_drop=int8_max_accuracy_drop, decisive_margin=decisive_margin)
@@ -270,7 +270,7 @@ def verify_cmd(bundle: Path, checkpoint: Path | None, images: str | None, random
         raise RtkError("--trust checks a bundle before verify runs it; with --endpoint the server's file is checked "
                        "against the bundle, which --trust does not cover yet: drop one of the two")
     if endpoint:
-        from toolkit.endpoint import Endpoint
+        from toolkit.evaluation.endpoint import Endpoint
 
         target = Endpoint(endpoint, model=endpoint_model, protocol=protocol, token_env=token_env)
         return _run_verify_endpoint(bundle, target, images, random_images, checkpoint, gates, threads, json_path,
@@ -280,8 +280,8 @@ def verify_cmd(bundle: Path, checkpoint: Path | None, images: str | None, random
 
 
 def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **options) -> None:
-    from toolkit.fileio import check_writable_file
-    from toolkit.verify import format_report, verify_bundle
+    from toolkit.core.fileio import check_writable_file
+    from toolkit.evaluation.verify import format_report, verify_bundle
 
     check_writable_file(json_path)
     report = verify_bundle(bundle, images=images, random_images=random_images, checkpoint=checkpoint, **options)
@@ -296,8 +296,8 @@ def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **opt
 
 
 def _run_verify_endpoint(bundle, target, images, random_images, checkpoint, gates, threads, json_path, runtimes) -> None:
-    from toolkit.endpoint import failure_line, format_endpoint_report, verify_endpoint
-    from toolkit.fileio import check_writable_file
+    from toolkit.core.fileio import check_writable_file
+    from toolkit.evaluation.endpoint import failure_line, format_endpoint_report, verify_endpoint
 
     check_writable_file(json_path)
     report = verify_endpoint(bundle, target, images=images, random_images=random_images, checkpoint=checkpoint,
@@ -307,8 +307,8 @@ def _run_verify_endpoint(bundle, target, images, random_images, checkpoint, gate
 
 def _report(report: dict, text: str, json_path: Path | None, failure) -> None:
     """Print a verification's table, write its JSON, and fail with `failure()`'s line when it did not pass."""
+    from toolkit.core.fileio import write_json
     from toolkit.errors import CheckFailed
-    from toolkit.fileio import write_json
 
     click.echo(text)
     if json_path:
@@ -343,8 +343,8 @@ def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], device: str | None, b
                   json_path: Path | None,
                   csv_path: Path | None, markdown_path: Path | None) -> None:
     """Latency and throughput of BUNDLE on every runtime; unavailable runtimes are listed with the reason."""
-    from toolkit.benchmark import BenchConfig, run_benchmark, table, write_outputs
-    from toolkit.fileio import check_writable_file
+    from toolkit.core.fileio import check_writable_file
+    from toolkit.evaluation.benchmark import BenchConfig, run_benchmark, table, write_outputs
 
     for path in (json_path, csv_path, markdown_path):
         check_writable_file(path)  # before the run, not after it
@@ -392,9 +392,9 @@ def optimize_cmd(bundle: Path, calibration_data: str, holdout: str | None, max_a
                  markdown_path: Path | None, json_path: Path | None) -> None:
     """Build int8 variants and an optimised graph, verify every CPU candidate on held-out images,
     benchmark those that pass, and record the fastest as the bundle's recommended deployment."""
-    from toolkit.fileio import check_writable_file, write_json, write_text
-    from toolkit.optimize import OptimizeConfig, format_table, optimize_bundle
-    from toolkit.verify import Gates
+    from toolkit.core.fileio import check_writable_file, write_json, write_text
+    from toolkit.evaluation.optimize import OptimizeConfig, format_table, optimize_bundle
+    from toolkit.evaluation.verify import Gates
 
     for path in (markdown_path, json_path):
         check_writable_file(path)
@@ -433,9 +433,9 @@ def predict_cmd(bundle: Path, images: tuple[Path, ...], top_k: int, batch_size: 
                 threads: int | None, self_test: bool, as_json: bool, output: Path | None, logits: bool, engine: str,
                 address: str | None, workers: int | None, part_rows: int | None, trust: tuple[Path, ...]) -> None:
     """Classify image files or folders with the torch-free runtime. Exit 1 if any image failed."""
+    from toolkit.core.preprocess import list_images
     from toolkit.errors import RtkError
-    from toolkit.preprocess import list_images
-    from toolkit.runtime import Classifier, Prediction
+    from toolkit.serving.classifier import Classifier, Prediction
 
     batch_only = {"--logits": logits, "--engine": engine != "local", "--address": address,
                   "--workers": workers is not None, "--part-rows": part_rows is not None}
@@ -471,14 +471,14 @@ def predict_cmd(bundle: Path, images: tuple[Path, ...], top_k: int, batch_size: 
 def _predict_to_parquet(clf, bundle: Path, images: tuple[Path, ...], output: Path, top_k: int, batch_size: int,
                         providers: tuple[str, ...], threads: int | None, as_json: bool, logits: bool, engine: str,
                         address: str | None, workers: int | None, part_rows: int | None) -> None:
-    """`rtk predict --output`: the batch job (toolkit.batch), one summary line, exit 1 if any row failed."""
-    from toolkit.batch import PART_ROWS, BatchOptions, run_local
+    """`rtk predict --output`: the batch job (toolkit.serving.batch), one summary line, exit 1 if any row failed."""
+    from toolkit.serving.batch import PART_ROWS, BatchOptions, run_local
 
     if as_json:
         raise RtkError("--json prints predictions; with --output they go to Parquet: drop one of the two")
     options = BatchOptions(top_k=top_k, logits=logits, part_rows=part_rows or PART_ROWS, batch_size=batch_size)
     if engine == "ray":
-        from toolkit.batch_ray import run_ray
+        from toolkit.serving.batch_ray import run_ray
 
         result = run_ray(clf, bundle, images, output, options, address=address, workers=workers or 1,
                          threads=threads, providers=providers or None)
@@ -523,7 +523,7 @@ def _predict_to_parquet(clf, bundle: Path, images: tuple[Path, ...], output: Pat
 def serve_cmd(bundle: Path, trust: tuple[Path, ...], **options) -> None:
     """Serve BUNDLE over the Open Inference Protocol (KServe v2 / Triton HTTP): /v2/models/NAME/infer,
     /v2/models/NAME/classify for encoded images, /metrics. Stops cleanly on SIGTERM."""
-    from toolkit.server import ServeConfig, serve
+    from toolkit.serving.server import ServeConfig, serve
 
     serve(ServeConfig(bundle=str(bundle), trust=tuple(str(k) for k in trust), **options), echo=click.echo)
 
@@ -545,8 +545,8 @@ def serve_cmd(bundle: Path, trust: tuple[Path, ...], **options) -> None:
 def triton_cmd(bundle: Path, output: Path, name: str | None, device: str, max_batch_size: int, tensorrt: bool,
                force: bool, threads: int | None, trust: tuple[Path, ...], key: Path | None, password_env: str | None) -> None:
     """Write BUNDLE as a Triton model repository (onnxruntime backend), validated with Triton's own ModelConfig."""
-    from toolkit.signing import password_from_env
-    from toolkit.triton import TritonConfig, write_repository
+    from toolkit.serving.signing import password_from_env
+    from toolkit.serving.triton import TritonConfig, write_repository
 
     if password_env and key is None:
         raise RtkError("--password-env needs --key")
@@ -564,7 +564,7 @@ def triton_cmd(bundle: Path, output: Path, name: str | None, device: str, max_ba
 def sign_cmd(bundle: Path, key: Path, password_env: str | None) -> None:
     """Sign every file of BUNDLE (OpenSSF model signing) into BUNDLE/bundle.sig, replacing an old signature.
     Consumers check it with --trust PUB.pem. Sign last: a later change to any file breaks the signature."""
-    from toolkit.signing import SIGNATURE, password_from_env, sign_bundle
+    from toolkit.serving.signing import SIGNATURE, password_from_env, sign_bundle
 
     count = sign_bundle(bundle, key, password_from_env(password_env))
     click.echo(f"signed {count} files of {bundle} into {bundle / SIGNATURE}")
@@ -578,7 +578,7 @@ def sign_cmd(bundle: Path, key: Path, password_env: str | None) -> None:
 @click.option("--min-seconds", default=1.0, show_default=True, help="Benchmark time per runtime and batch size.")
 def demo_cmd(output: Path, arch: str, epochs: int, image_size: int, min_seconds: float) -> None:
     """The whole pipeline on the built-in digits: data, train, export, verify, benchmark, predict, report."""
-    from toolkit.demo import DemoConfig, run_demo
+    from toolkit.evaluation.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(output=output, arch=arch, epochs=epochs, image_size=image_size, min_seconds=min_seconds),
              cli=main, echo=click.echo)

@@ -1,0 +1,235 @@
+"""The runtime registry: one row per runtime. Adding a runtime is one row here plus one backend file.
+
+A row says the runtime's device, which bundle files it runs, the precision it runs them at, how to
+build its runner, why it cannot exist here, and whether `rtk verify` runs it by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from toolkit.core.bundle import Bundle, takes_any_size
+from toolkit.core.hardware import cpu_info
+from toolkit.core.manifest import FileEntry
+from toolkit.errors import RtkError
+from toolkit.evaluation.runners.base import Entry, Failed, Runner, RunOptions, Skipped
+from toolkit.serving.sessions import SessionSettings, openvino_problem, provider_problem
+
+# (bundle file name, its manifest entry) -> does this runtime run it
+Accepts = Callable[[str, FileEntry], bool]
+Reference = Callable[[], tuple[Any, Any]]  # () -> (eager model, PreprocessSpec)
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    name: str
+    device: str  # cpu | cuda
+    family: str  # eager | torchscript | pt2 | onnxruntime | openvino
+    describes: str  # what it runs, for messages and docs
+    accepts: Accepts | None  # None: runs the checkpoint (eager), not a bundle file
+    build: Callable[[RuntimeSpec, str, Path, FileEntry | None, RunOptions, Reference], Runner]
+    precision: str | None = None  # the precision it runs at; None: the artifact's own
+    unavailable: Callable[[], str | None] = lambda: None
+    verify_default: bool = True
+    session: dict[str, Any] | None = None  # onnxruntime/OpenVINO session settings beside threads
+
+
+# ---------------------------------------------------------------- what each family accepts
+
+
+def _onnx(*precisions: str, plain: bool = False, any_size: bool = True) -> Accepts:
+    """ONNX files of these precisions; `plain` leaves out onnxruntime's hardware-specific optimised graph,
+    `any_size=False` the file that resizes inside its graph (a fixed-shape engine cannot take it)."""
+    def accepts(name: str, entry: FileEntry) -> bool:
+        if entry.format != "onnx" or entry.precision not in precisions:
+            return False
+        if not any_size and takes_any_size(entry):
+            return False
+        return not (plain and entry.get("hardware_specific"))
+    return accepts
+
+
+def _openvino_files(*precisions: str, any_size: bool = True) -> Accepts:
+    """What OpenVINO compiles: ONNX files of these precisions (not onnxruntime's optimised graph, nor its
+    QOperator int8 files, whose QLinearConv OpenVINO's ONNX reader cannot convert) and IRs."""
+    onnx = _onnx(*precisions, plain=True, any_size=any_size)
+
+    def accepts(name: str, entry: FileEntry) -> bool:
+        if entry.format == "openvino":
+            return entry.precision in precisions
+        return onnx(name, entry) and (entry.get("quantization") or {}).get("format") != "qoperator"
+    return accepts
+
+
+def _format(fmt: str) -> Accepts:
+    return lambda name, entry: entry.format == fmt
+
+
+# ---------------------------------------------------------------- why a runtime cannot exist here
+
+
+def _cuda() -> str | None:
+    from toolkit.evaluation.runners.torch_runner import cuda_problem
+
+    return cuda_problem()
+
+
+def _no_fast_bf16() -> str | None:
+    return None if cpu_info().fast_bf16 else "this CPU has neither AMX nor AVX512-BF16 (bf16 would be emulated)"
+
+
+def _provider(provider: str, needs_gpu: bool) -> Callable[[], str | None]:
+    return lambda: provider_problem(provider) or (_cuda() if needs_gpu else None)
+
+
+# ---------------------------------------------------------------- builders
+
+
+def _eager(spec: RuntimeSpec, name, path, entry, options: RunOptions, reference: Reference) -> Runner:
+    from toolkit.evaluation.runners.torch_runner import TorchModuleRunner, eager_module
+
+    autocast = spec.precision if spec.precision in ("bf16", "fp16") else None
+    return TorchModuleRunner(spec.name, "checkpoint", spec.precision or "fp32", options, device=spec.device,
+                             autocast=autocast, module_factory=lambda: eager_module(*reference()))
+
+
+def _torchscript(spec: RuntimeSpec, name, path, entry, options, reference) -> Runner:
+    from toolkit.evaluation.runners.torch_runner import TorchModuleRunner
+    from toolkit.export.loaders import load_torchscript
+
+    return TorchModuleRunner(spec.name, name, entry.precision, options, device=spec.device,
+                             module_factory=lambda: load_torchscript(path, spec.device))
+
+
+def _pt2(spec: RuntimeSpec, name, path, entry, options, reference) -> Runner:
+    from toolkit.evaluation.runners.torch_runner import TorchModuleRunner
+    from toolkit.export.loaders import load_pt2
+
+    return TorchModuleRunner(spec.name, name, entry.precision, options, device=spec.device,
+                             module_factory=lambda: load_pt2(path, spec.device))
+
+
+def session_settings(spec: RuntimeSpec, entry: FileEntry, options: RunOptions, bundle_root: Path) -> SessionSettings:
+    """The session a runtime opens on a file: the row's settings plus the stage's threads and TF32."""
+    values = dict(spec.session or {})
+    values.setdefault("graph_optimization", options.ort_graph_optimization)
+    if values.get("device") == "tensorrt":  # engines are keyed by the model's hash: a new file never reuses an old engine
+        values["trt_cache"] = str(bundle_root / "trt-cache" / entry.sha256[:16])
+    if values.get("engine") == "openvino":
+        values.pop("graph_optimization")
+    return SessionSettings(threads=options.threads, tf32=options.tf32,
+                           cuda_graph=options.cuda_graph and spec.name == "ort-cuda-iobinding", **values)
+
+
+def _ort(spec: RuntimeSpec, name, path, entry, options, reference) -> Runner:
+    from toolkit.evaluation.runners.ort_runner import OrtRunner
+
+    return OrtRunner(spec.name, name, spec.precision or entry.precision, options, path=path,
+                     settings=session_settings(spec, entry, options, path.parent),
+                     io_binding=spec.name == "ort-cuda-iobinding")
+
+
+def _openvino(spec: RuntimeSpec, name, path, entry, options, reference) -> Runner:
+    from toolkit.evaluation.runners.openvino_runner import OpenVinoRunner
+
+    return OpenVinoRunner(spec.name, name, spec.precision or entry.precision, options, path=path,
+                          settings=session_settings(spec, entry, options, path.parent))
+
+
+ROWS = (
+    RuntimeSpec("eager", "cpu", "eager", "checkpoint fp32", None, _eager),
+    RuntimeSpec("eager-bf16", "cpu", "eager", "checkpoint, bf16 autocast, channels_last", None, _eager, "bf16",
+                _no_fast_bf16, verify_default=False),
+    RuntimeSpec("eager-cuda", "cuda", "eager", "checkpoint fp32", None, _eager, unavailable=_cuda),
+    RuntimeSpec("eager-fp16", "cuda", "eager", "checkpoint, fp16 autocast, channels_last", None, _eager, "fp16",
+                _cuda),
+    RuntimeSpec("torchscript", "cpu", "torchscript", "model.ts", _format("torchscript"), _torchscript),
+    RuntimeSpec("torchscript-cuda", "cuda", "torchscript", "model.ts", _format("torchscript"), _torchscript,
+                unavailable=_cuda),
+    RuntimeSpec("torch-export", "cpu", "pt2", "model.pt2", _format("pt2"), _pt2),
+    RuntimeSpec("torch-export-cuda", "cuda", "pt2", "model.pt2", _format("pt2"), _pt2, unavailable=_cuda),
+    RuntimeSpec("ort-cpu", "cpu", "onnxruntime", "every ONNX file", _onnx("fp32", "fp16", "int8"), _ort,
+                unavailable=_provider("CPUExecutionProvider", False), session={"device": "cpu"}),
+    RuntimeSpec("ort-cuda", "cuda", "onnxruntime", "fp32 and fp16 ONNX files", _onnx("fp32", "fp16", plain=True), _ort,
+                unavailable=_provider("CUDAExecutionProvider", True), session={"device": "cuda"}),
+    RuntimeSpec("ort-cuda-iobinding", "cuda", "onnxruntime", "fp32 and fp16 ONNX files; input placed on the device once",
+                _onnx("fp32", "fp16", plain=True), _ort, unavailable=_provider("CUDAExecutionProvider", True),
+                verify_default=False, session={"device": "cuda"}),
+    RuntimeSpec("ort-tensorrt", "cuda", "onnxruntime", "fp32 ONNX with TensorRT fp16; engine cache in the bundle",
+                _onnx("fp32", plain=True, any_size=False), _ort, "fp16", _provider("TensorrtExecutionProvider", True),
+                session={"device": "tensorrt"}),
+    RuntimeSpec("openvino", "cpu", "openvino", "fp32 and int8 ONNX files and OpenVINO IRs (extra: openvino)",
+                _openvino_files("fp32", "int8"), _openvino, unavailable=lambda: openvino_problem("f32"),
+                session={"engine": "openvino", "precision_hint": "f32"}),
+    RuntimeSpec("openvino-bf16", "cpu", "openvino", "fp32 ONNX files through OpenVINO with bf16 inference precision",
+                # not the any-size file: bf16 matmuls cannot hold the resize's grey levels (8-bit mantissa)
+                _openvino_files("fp32", any_size=False), _openvino, "bf16", lambda: openvino_problem("bf16"),
+                session={"engine": "openvino", "precision_hint": "bf16"}),
+)
+REGISTRY: dict[str, RuntimeSpec] = {row.name: row for row in ROWS}
+RUNTIMES: dict[str, tuple[str, str]] = {row.name: (row.device, row.describes) for row in ROWS}
+VERIFY_DEFAULT: tuple[str, ...] = tuple(row.name for row in ROWS if row.verify_default)
+
+
+def runtime(name: str) -> RuntimeSpec:
+    if name not in REGISTRY:
+        raise RtkError(f"unknown runtime {name!r}; choose from {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def runtimes_on(device: str | None, among: tuple[str, ...] | list[str] | None = None) -> list[str] | None:
+    """The runtimes (of `among`, default all) that run on `device` ("cpu" or "cuda"); None keeps them all."""
+    if device is None:
+        return list(among) if among else None
+    if device not in ("cpu", "cuda"):
+        raise RtkError(f"--device must be cpu or cuda, got {device!r}")
+    return [r for r in (among or REGISTRY) if runtime(r).device == device]
+
+
+def plan(bundle: Bundle, runtimes: list[str] | None, reference: Reference, options: RunOptions) -> list[Entry]:
+    """One entry per (runtime, artifact) asked for: a Runner to load, Skipped (the runtime cannot exist
+    here) or Failed (the file is not what the manifest describes). `reference()` gives (model, spec);
+    each eager runner copies the model when it loads."""
+    rows = [runtime(r) for r in (runtimes or REGISTRY)]
+    entries: list[Entry] = []
+    for row in rows:
+        reason = row.unavailable()
+        if row.accepts is None:
+            precision = row.precision or "fp32"
+            entries.append(Skipped(row.name, "checkpoint", precision, reason) if reason
+                           else row.build(row, "checkpoint", bundle.root, None, options, reference))
+            continue
+        for name, entry in bundle.files.items():
+            if not row.accepts(name, entry):
+                continue
+            precision = row.precision or entry.precision
+            broken = bundle.integrity_problem(name)
+            if broken:  # a broken artifact fails on every runtime, whether or not the runtime exists here
+                entries.append(Failed(row.name, name, precision, broken))
+            elif reason:
+                entries.append(Skipped(row.name, name, precision, reason))
+            else:
+                entries.append(row.build(row, name, bundle.path(name), entry, options, reference))
+    return entries
+
+
+def require_named(entries: list[Entry], named: list[str] | None) -> None:
+    """A runtime the user named explicitly that cannot run here is an error, not a skip."""
+    for name in named or []:
+        mine = [e for e in entries if e.runtime == name]
+        if not mine:
+            raise RtkError(f"runtime {name} has nothing to run in this bundle ({runtime(name).describes})")
+        if all(isinstance(e, Skipped) for e in mine):
+            raise RtkError(f"runtime {name} is not available here: {mine[0].reason}")
+
+
+def with_options(runner: Runner, **changes: Any) -> Runner:
+    """A fresh, unloaded copy of `runner` with other options (the benchmark's thread sweep)."""
+    options = replace(runner.options, **changes)
+    copy = replace(runner, options=options, details={})
+    if hasattr(copy, "settings"):
+        copy.settings = replace(copy.settings, threads=options.threads)
+    return copy

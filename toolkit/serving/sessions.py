@@ -1,0 +1,337 @@
+"""The one place that opens inference sessions: onnxruntime and OpenVINO, from a file and its settings.
+
+Torch-free (standard library, numpy, onnxruntime, optionally openvino): `Classifier`, the
+verify/benchmark runners and `rtk optimize` all open sessions here, so what a service runs is what
+verify checked. This module alone knows the provider options, TF32, `preload_dlls`, the refusal of
+onnxruntime's silent CPU fallback and the per-node placement check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.core.hardware import cpu_info
+from toolkit.errors import ArtifactBroken, RtkError, RuntimeUnavailable, first_line
+
+ENGINES = ("onnxruntime", "openvino")
+DEVICES = ("cpu", "cuda", "tensorrt")
+ORT_GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Everything that decides what a session computes and how fast. Stored with a recommendation, so a
+    service reproduces exactly the session that was verified."""
+
+    engine: str = "onnxruntime"  # onnxruntime | openvino
+    device: str = "cpu"  # cpu | cuda | tensorrt (onnxruntime); cpu (openvino)
+    threads: int | None = None
+    graph_optimization: str = "all"  # onnxruntime: disable | basic | extended | all
+    precision_hint: str = "f32"  # openvino: f32 | bf16
+    tf32: bool = False  # off: fp32 parity needs full-precision matmuls (onnxruntime turns TF32 on by default)
+    cuda_graph: bool = False  # onnxruntime CUDA graphs; needs IO binding with a fixed input buffer
+    trt_cache: str | None = None  # TensorRT engine/timing cache folder
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise RtkError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
+        if self.device not in DEVICES or (self.engine == "openvino" and self.device != "cpu"):
+            raise RtkError(f"{self.engine} cannot run on device {self.device!r}")
+        if self.graph_optimization not in ORT_GRAPH_LEVELS:
+            raise RtkError(f"unknown onnxruntime graph optimization level {self.graph_optimization!r}; "
+                           f"choose from {ORT_GRAPH_LEVELS}")
+        if self.precision_hint not in ("f32", "bf16"):
+            raise RtkError(f"OpenVINO precision hint must be f32 or bf16, got {self.precision_hint!r}")
+        if self.threads is not None and self.threads < 1:
+            raise RtkError("threads must be at least 1")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device in ("cuda", "tensorrt")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SessionSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise RtkError(f"unknown session settings {sorted(unknown)}")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------- availability (never touches a model file)
+
+
+def preload_cuda_libraries() -> None:
+    """Let onnxruntime-gpu use the CUDA/cuDNN libraries from torch's wheels (onnxruntime >= 1.21)."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:  # a missing library shows as a provider fallback, refused at session creation
+            pass
+
+
+def _loadable(library: str) -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL(library)
+        return True
+    except OSError:
+        return False
+
+
+def provider_problem(provider: str) -> str | None:
+    """Why this onnxruntime execution provider cannot run here; None when it can."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        return f"onnxruntime cannot be imported: {exc}"
+    available = ort.get_available_providers()
+    if provider not in available:
+        return f"{provider} not in onnxruntime's providers {available}"
+    if provider == "TensorrtExecutionProvider":
+        import ctypes.util
+
+        # onnxruntime-gpu lists TensorRT even without its libraries, then falls back to CUDA at session creation.
+        if ctypes.util.find_library("nvinfer") is None and not _loadable("libnvinfer.so.10"):
+            return "TensorRT's libraries (libnvinfer) are not installed: onnxruntime lists the provider but cannot use it"
+    return None
+
+
+def openvino_problem(precision_hint: str = "f32") -> str | None:
+    """Why OpenVINO (with this inference precision) cannot run here; None when it can."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "openvino is not installed (pip install -e '.[openvino]')"
+    if precision_hint == "bf16" and not cpu_info().fast_bf16:
+        return "this CPU has neither AMX nor AVX512-BF16 (OpenVINO would not run bf16)"
+    return None
+
+
+def unavailable_reason(settings: SessionSettings) -> str | None:
+    if settings.engine == "openvino":
+        return openvino_problem(settings.precision_hint)
+    return provider_problem(PROVIDERS[settings.device])
+
+
+# ---------------------------------------------------------------- onnxruntime
+
+
+def ort_session_options(settings: SessionSettings, profile: bool = False, optimized_path: str | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if settings.threads:
+        so.intra_op_num_threads = settings.threads
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[settings.graph_optimization]
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="rtk-ort-profile-"), "ort")
+    return so
+
+
+def ort_providers(settings: SessionSettings) -> list:
+    """The provider list for onnxruntime: the asked-for one first, with its options."""
+    if settings.device == "cpu":
+        return ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": int(settings.tf32),
+                                      "enable_cuda_graph": int(settings.cuda_graph)})
+    if settings.device == "cuda":
+        return [cuda, "CPUExecutionProvider"]
+    trt = ("TensorrtExecutionProvider", {
+        "device_id": 0, "trt_fp16_enable": True,
+        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(settings.trt_cache),
+        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(settings.trt_cache),
+    })
+    return [trt, cuda, "CPUExecutionProvider"]
+
+
+
+def node_placement(path: str | Path, settings: SessionSettings, example: np.ndarray) -> dict[str, int]:
+    """Which provider ran how many nodes, from one profiled run of a separate session."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), ort_session_options(settings, profile=True),
+                                   providers=ort_providers(settings))
+    session.run(None, {session.get_inputs()[0].name: example})
+    profile = session.end_profiling()
+    try:
+        events = json.loads(Path(profile).read_text())
+    finally:
+        Path(profile).unlink(missing_ok=True)
+    counts: Counter[str] = Counter()
+    seen = set()
+    for ev in events:
+        args = ev.get("args", {})
+        if ev.get("cat") == "Node" and "provider" in args and ev.get("name", "").endswith("_kernel_time"):
+            node = ev["name"].removesuffix("_kernel_time")
+            if node not in seen:
+                seen.add(node)
+                counts[args["provider"]] += 1
+    return dict(counts)
+
+
+class OrtBackend:
+    """onnxruntime: one InferenceSession, whose run() is safe to call from many threads."""
+
+    name = "onnxruntime"
+
+    def __init__(self, session, settings: SessionSettings, path: Path) -> None:
+        self.session = session
+        self.settings = settings
+        self.path = path
+        self.input_name = session.get_inputs()[0].name
+        self.output_name = session.get_outputs()[0].name
+        self.placement: dict[str, int] | None = None
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    @property
+    def input_shape(self) -> list:
+        return list(self.session.get_inputs()[0].shape)
+
+    @property
+    def output_width(self) -> int | None:
+        width = self.session.get_outputs()[0].shape[-1]
+        return width if isinstance(width, int) else None
+
+    def selftest_key(self, file: str) -> str:
+        return file
+
+    def placement_warning(self) -> str | None:
+        on_cpu = (self.placement or {}).get("CPUExecutionProvider", 0)
+        if self.settings.on_gpu and on_cpu:
+            return f"{on_cpu} of {sum(self.placement.values())} nodes ran on CPUExecutionProvider"
+        return None
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: images})[0]
+
+
+def open_onnxruntime(path: str | Path, settings: SessionSettings, check_placement: bool = True,
+                     optimized_path: str | None = None) -> OrtBackend:
+    """An onnxruntime session on exactly the provider asked for.
+
+    RuntimeUnavailable: the provider cannot run here (not installed, or a library missing so that
+    onnxruntime fell back quietly). ArtifactBroken: the file cannot be loaded.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    problem = unavailable_reason(settings)
+    if problem:
+        raise RuntimeUnavailable(problem)
+    if settings.on_gpu:
+        preload_cuda_libraries()
+    if settings.trt_cache:
+        Path(settings.trt_cache).mkdir(parents=True, exist_ok=True)
+    if not path.is_file():
+        raise ArtifactBroken(f"{path.name} is missing ({path})")
+    try:
+        session = ort.InferenceSession(str(path), ort_session_options(settings, optimized_path=optimized_path),
+                                       providers=ort_providers(settings))
+    except Exception as exc:
+        raise ArtifactBroken(f"{path.name}: onnxruntime cannot load it on {PROVIDERS[settings.device]}: "
+                             f"{first_line(exc)}") from None
+    got = session.get_providers()
+    if got[0] != PROVIDERS[settings.device]:
+        raise RuntimeUnavailable(f"asked for {PROVIDERS[settings.device]}, onnxruntime gave {got} "
+                                 "(a library is missing: run rtk doctor); refusing to fall back silently")
+    backend = OrtBackend(session, settings, path)
+    if settings.on_gpu and check_placement:
+        shape = [d if isinstance(d, int) else 1 for d in backend.input_shape]
+        backend.placement = node_placement(path, settings, np.zeros(shape, np.uint8))
+    return backend
+
+
+# ---------------------------------------------------------------- OpenVINO
+
+
+class OpenVinoBackend:
+    """OpenVINO on the CPU. The compiled model is shared; each thread gets its own infer request,
+    which is not thread-safe."""
+
+    name = "openvino"
+    placement = None
+
+    def __init__(self, compiled, settings: SessionSettings, path: Path) -> None:
+        self.compiled = compiled
+        self.settings = settings
+        self.path = path
+        self.output = compiled.output(0)
+        self.local = threading.local()
+
+    @property
+    def providers(self) -> list[str]:
+        return [f"OpenVINO CPU ({self.settings.precision_hint})"]
+
+    @property
+    def compiled_precision(self) -> str:
+        return str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+    def selftest_key(self, file: str) -> str:
+        return f"{'openvino-bf16' if self.settings.precision_hint == 'bf16' else 'openvino'}:{file}"
+
+    def placement_warning(self) -> str | None:
+        return None
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        request = getattr(self.local, "request", None)
+        if request is None:
+            request = self.local.request = self.compiled.create_infer_request()
+        return np.array(request.infer({0: images})[self.output], dtype=np.float32, copy=True)
+
+
+def open_openvino(path: str | Path, settings: SessionSettings) -> OpenVinoBackend:
+    """An ONNX file compiled by OpenVINO for the CPU with the settings' precision hint and threads."""
+    path = Path(path)
+    problem = unavailable_reason(settings)
+    if problem:
+        raise RuntimeUnavailable(problem)
+    if not path.is_file():
+        raise ArtifactBroken(f"{path.name} is missing ({path})")
+    import openvino as ov
+
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": settings.precision_hint, "PERFORMANCE_HINT": "LATENCY"}
+    if settings.threads:
+        config["INFERENCE_NUM_THREADS"] = settings.threads
+    try:
+        compiled = ov.Core().compile_model(str(path), "CPU", config)
+    except Exception as exc:
+        raise ArtifactBroken(f"{path.name}: OpenVINO cannot load it: {first_line(exc)}") from None
+    return OpenVinoBackend(compiled, settings, path)
+
+
+def open_session(path: str | Path, settings: SessionSettings, check_placement: bool = True) -> OrtBackend | OpenVinoBackend:
+    """The session `settings` describe, on `path`."""
+    if settings.engine == "openvino":
+        return open_openvino(path, settings)
+    return open_onnxruntime(path, settings, check_placement=check_placement)

@@ -1,0 +1,1 @@
+"""Fine-tuning with torch: image folders, the torchvision models, the training loop, and checkpoints."""
