@@ -17,29 +17,29 @@ from torch import nn
 
 from toolkit.evaluation.env import cpu_info, environment
 from toolkit.training.models import build
-from toolkit.training.train import TrainConfig, make_optimizer, resolve_runtime, train_step
+from toolkit.training.train import TrainConfig, make_optimizer, resolve_placement, train_step
 
 
 def measure(arch: str, precision: str, channels_last: bool, batch: int, size: int, steps: int, warmup: int) -> float:
     torch.manual_seed(0)
     config = TrainConfig(arch=arch, weights="none", precision=precision, device="auto")
-    runtime = resolve_runtime(config)
+    placement = resolve_placement(config)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = build(arch, 10).to(runtime.device, memory_format=fmt).train()
+    model = build(arch, 10).to(placement.device, memory_format=fmt).train()
     optimizer = make_optimizer(model, config)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
+    scaler = torch.amp.GradScaler(placement.device.type, enabled=placement.precision == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     images = torch.randn(batch, 3, size, size)
     targets = torch.randint(0, 10, (batch,))
     for i in range(warmup + steps):
         if i == warmup:
-            if runtime.device.type == "cuda":
+            if placement.device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        train_step(model, images, targets, optimizer, scaler, criterion, runtime, memory_format=fmt)
-    if runtime.device.type == "cuda":
+        train_step(model, images, targets, optimizer, scaler, criterion, placement, memory_format=fmt)
+    if placement.device.type == "cuda":
         torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start), runtime.precision
+    return batch * steps / (time.perf_counter() - start), placement.precision
 
 
 def main() -> None:

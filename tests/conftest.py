@@ -1,9 +1,17 @@
-"""Shared fixtures: a tiny real ImageFolder, a resnet18 trained on it for one epoch, and its bundle."""
+"""Shared fixtures: a tiny real ImageFolder, a resnet18 trained on it for one epoch, and its bundle.
+
+Where torch is installed the fixtures build the bundle (and `--rtk-write-bundles DIR` keeps a copy); where it
+is not (the serving side's venv, `make test-serving`), `tiny_bundle` is read from the folder `RTK_TEST_BUNDLES`
+names. This module imports no torch: the serving run imports it too.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +22,45 @@ from PIL import Image
 from toolkit.cli import main
 
 CLASSES = ("circle", "square", "stripes")
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+BUNDLES_ENV = "RTK_TEST_BUNDLES"
+# read once, from where pytest started (a test may change the working directory)
+PREBUILT = Path(os.environ[BUNDLES_ENV]).resolve() if os.environ.get(BUNDLES_ENV) else None
+TORCH_STACK = ("torch", "torchvision", "onnx")
+# prepended to the code of a child process: torch and torchvision cannot be imported in it
+BLOCK_TORCH = textwrap.dedent("""
+    import sys
+    class _NoTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name.split('.')[0] in ('torch', 'torchvision'):
+                raise ImportError('torch is blocked in this test')
+    sys.meta_path.insert(0, _NoTorch())
+""")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--rtk-write-bundles", metavar="DIR", default=None,
+                     help=f"also write the test bundles built here into DIR, for a run where torch is not "
+                          f"installed ({BUNDLES_ENV}=DIR pytest -m serving)")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Without torch only the modules holding `serving` tests are collected (the others import torch at
+    their top, and `-m serving` would deselect all their tests anyway)."""
+    if HAS_TORCH or not (collection_path.name.startswith("test_") and collection_path.suffix == ".py"):
+        return None
+    return "pytest.mark.serving" not in collection_path.read_text()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without the torch stack, a serving module's tests marked `torch_stack` skip, saying why."""
+    missing = [m for m in TORCH_STACK if importlib.util.find_spec(m) is None]
+    if not missing:
+        return
+    skip = pytest.mark.skip(reason=f"needs {', '.join(missing)}, which this (serving-side) venv does not have")
+    for item in items:
+        if item.get_closest_marker("torch_stack"):
+            item.add_marker(skip)
 
 
 def draw(kind: str, rng: np.random.Generator, size: int = 40) -> Image.Image:
@@ -55,30 +102,80 @@ def error_line(result: Result) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    return make_imagefolder(tmp_path_factory.mktemp("data"), {"train": 16, "val": 6})
-
-
+TINY_DATA = {"train": 16, "val": 6}
 TRAIN_ARGS = ("--arch", "resnet18", "--weights", "none", "--image-size", "32", "--resize-size", "36", "--epochs", "1",
               "--batch-size", "16", "--no-hflip", "--workers", "0", "--quiet", "--precision", "fp32")
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tiny_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    result = rtk("train", tiny_data, "--output", out, *TRAIN_ARGS)
+def build_run(data: Path, out: Path) -> Path:
+    """`rtk train` at its smallest: one epoch of resnet18 on `data` (needs torch)."""
+    result = rtk("train", data, "--output", out, *TRAIN_ARGS)
     assert result.exit_code == 0, result.output
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tiny_run, tiny_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundle") / "bundle"
-    result = rtk("export", tiny_run / "checkpoint.pt", "--output", out, "--precision", "fp32", "--precision", "fp16",
-                 "--precision", "int8", "--calibration-data", tiny_data / "train", "--calibration-size", "24",
+def build_bundle(run: Path, data: Path, out: Path) -> Path:
+    """`rtk export` of the run's checkpoint in every format and precision, int8 calibrated on `data`."""
+    result = rtk("export", run / "checkpoint.pt", "--output", out, "--precision", "fp32", "--precision", "fp16",
+                 "--precision", "int8", "--calibration-data", data / "train", "--calibration-size", "24",
                  "--no-verify")
     assert result.exit_code == 0, result.output
+    return out
+
+
+# what a folder of prebuilt bundles holds; READY is written last, so a half-written folder is never read
+CACHED_BUNDLE, CACHED_PHOTOS, READY = "tiny_bundle", "photos", "READY"
+
+
+def write_bundles(root: Path, bundle: Path) -> None:
+    """Keep a copy of a freshly built bundle (and the sample photos, where scikit-learn is installed) in
+    `root`, for a run without torch."""
+    from importlib.metadata import version
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / READY).unlink(missing_ok=True)
+    for name in (CACHED_BUNDLE, CACHED_PHOTOS):
+        shutil.rmtree(root / name, ignore_errors=True)
+    shutil.copytree(bundle, root / CACHED_BUNDLE)
+    if importlib.util.find_spec("sklearn") is not None:
+        (root / CACHED_PHOTOS).mkdir()
+        for photo in sample_photos():
+            shutil.copy(photo, root / CACHED_PHOTOS / photo.name)
+    (root / READY).write_text(f"built by tests/conftest.py with torch {version('torch')}\n")
+
+
+def prebuilt(name: str) -> Path:
+    """`name` in the folder of prebuilt bundles `RTK_TEST_BUNDLES` names (skips where none is named)."""
+    if PREBUILT is None:
+        pytest.skip(f"torch is not installed here and {BUNDLES_ENV} names no prebuilt test bundles "
+                    f"(make test-serving writes them with the torch venv)")
+    if not (PREBUILT / READY).is_file():
+        pytest.fail(f"{BUNDLES_ENV}={PREBUILT} holds no complete set of test bundles (no {READY} file): "
+                    f"python -m tests.build_bundles {PREBUILT}, with torch installed")
+    return PREBUILT / name
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("data"), TINY_DATA)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    if not HAS_TORCH:
+        pytest.skip("needs torch to train, which this (serving-side) venv does not have")
+    return build_run(tiny_data, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(request: pytest.FixtureRequest, tmp_path_factory) -> Path:
+    """Built here where torch is installed, else a private copy of the prebuilt one (tests may change it)."""
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    if not HAS_TORCH:
+        return Path(shutil.copytree(prebuilt(CACHED_BUNDLE), out))
+    build_bundle(request.getfixturevalue("tiny_run"), request.getfixturevalue("tiny_data"), out)
+    if cache := request.config.getoption("--rtk-write-bundles"):
+        write_bundles(request.config.invocation_params.dir / cache, out)  # before any test changes it
     return out
 
 
@@ -135,11 +232,20 @@ def optimized(tiny_bundle, tiny_data, tmp_path_factory):
     return bundle, report
 
 
+def sample_photos() -> list[Path]:
+    from sklearn.datasets import load_sample_images
+
+    return [Path(p) for p in load_sample_images().filenames]
+
+
 @pytest.fixture(scope="session")
 def photos() -> list[Path]:
-    """The two JPEG photos scikit-learn ships: real camera JPEGs, 640x427."""
-    sklearn = pytest.importorskip("sklearn.datasets")
-    return [Path(p) for p in sklearn.load_sample_images().filenames]
+    """The two JPEG photos scikit-learn ships: real camera JPEGs, 640x427 (copies of them without it)."""
+    if importlib.util.find_spec("sklearn") is not None:
+        return sample_photos()
+    if PREBUILT is not None and (cached := prebuilt(CACHED_PHOTOS)).is_dir():
+        return sorted(cached.iterdir())
+    pytest.skip("needs scikit-learn's sample photos: scikit-learn is not installed here")
 
 
 def cuda_available() -> bool:

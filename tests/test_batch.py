@@ -16,6 +16,8 @@ from PIL import Image
 
 from tests.conftest import CLASSES, copy_bundle, draw, error_line, rtk
 
+pytestmark = pytest.mark.serving
+
 pq = pytest.importorskip("pyarrow.parquet")
 pa = pytest.importorskip("pyarrow")
 

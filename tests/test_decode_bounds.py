@@ -40,6 +40,8 @@ from toolkit.core.preprocess import (
 )
 from toolkit.errors import RtkError
 
+pytestmark = pytest.mark.serving
+
 MB = 1 << 20
 CHILD = r"""
 import json, resource, sys, time
@@ -190,6 +192,7 @@ def _torchvision(img_rgb: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(T.Compose([T.Resize(spec.resize_size, interpolation=mode), T.CenterCrop(spec.crop_size)])(img_rgb))
 
 
+@pytest.mark.torch_stack
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=shapes(), mode=st.sampled_from(MODES), seed=st.integers(0, 2**16))
 def test_any_image_decodes_in_bounded_work_and_matches_torchvision(shape, mode, seed):

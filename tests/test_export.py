@@ -9,21 +9,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tests.conftest import error_line, rtk
+from tests.conftest import BLOCK_TORCH, error_line, rtk
 from toolkit.core.preprocess import PreprocessSpec
 from toolkit.errors import RtkError
 from toolkit.export.graph import ImageClassifier
 from toolkit.export.quantize import QuantRecipe
 from toolkit.training.checkpoint import load_checkpoint, model_from_checkpoint
-
-BLOCK_TORCH = textwrap.dedent("""
-    import sys
-    class _NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name.split('.')[0] in ('torch', 'torchvision'):
-                raise ImportError('torch is blocked in this test')
-    sys.meta_path.insert(0, _NoTorch())
-""")
 
 
 def eager_logits(checkpoint, images: np.ndarray) -> np.ndarray:

@@ -8,6 +8,8 @@ import pytest
 
 from toolkit.core.hardware import CpuInfo, cpu_info
 
+pytestmark = pytest.mark.serving
+
 AVX512 = frozenset({"avx2", "avx512f", "avx512_vnni"})
 
 

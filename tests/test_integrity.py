@@ -15,6 +15,8 @@ from toolkit.core.bundle import Bundle, file_name
 from toolkit.core.manifest import FileEntry, Manifest, check_plain_name, preprocess_spec
 from toolkit.errors import ArtifactBroken, RtkError
 
+pytestmark = pytest.mark.serving
+
 XML, BIN = "model.openvino.xml", "model.openvino.bin"
 
 
@@ -241,6 +243,7 @@ def test_unknown_keys_survive_a_write(bundle, tmp_path):
 # ---------------------------------------------------------------- a real bundle, through rtk verify
 
 
+@pytest.mark.torch_stack  # rtk verify
 def test_verify_refuses_a_model_altered_at_the_same_size(tiny_bundle, tmp_path):
     """Bytes changed inside the ONNX file's metadata: the model computes the same logits, so parity cannot
     tell; the manifest's sha256 must."""

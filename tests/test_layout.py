@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.serving
+
 TOOLKIT = Path(__file__).resolve().parents[1] / "toolkit"
 TORCH_STACK = ("torch", "torchvision", "onnx", "onnxscript", "nncf")
 # what each layer may not import: a toolkit subpackage, or a third-party top-level package

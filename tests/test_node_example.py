@@ -12,6 +12,8 @@ import pytest
 
 from toolkit.serving.classifier import Classifier
 
+pytestmark = pytest.mark.serving
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"
 
 

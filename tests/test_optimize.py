@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 from tests.conftest import QUICK, copy_bundle, error_line, rtk
+from toolkit.core.manifest import Recommendation
 from toolkit.errors import CheckFailed
 from toolkit.evaluation import runners
 from toolkit.evaluation.optimize import ORT_OPT_FILE, OptimizeConfig, format_table, optimize_bundle
@@ -85,8 +86,9 @@ def test_the_nncf_int8_ir_is_served_after_its_self_test(optimized, tiny_data, tm
     bundle = tmp_path / "served"
     shutil.copytree(optimized[0], bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["recommended"] = {"runtime": "openvino", "artifact": IR_INT8, "threads": 1, "device": "cpu",
-                               "session": {"engine": "openvino", "device": "cpu", "threads": 1, "precision_hint": "f32"}}
+    manifest["recommended"] = Recommendation(
+        runtime="openvino", artifact=IR_INT8, precision="int8", threads=1,
+        session={"engine": "openvino", "device": "cpu", "threads": 1, "precision_hint": "f32"}).to_dict()
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     clf = Classifier.load(bundle, self_test=True)
     assert clf.path.name == IR_INT8 and clf.backend.name == "openvino" and clf.precision == "int8"
@@ -166,8 +168,8 @@ def test_recommendation_is_the_fastest_passing_candidate(optimized):
 def test_classifier_serves_the_recommended_onnx_artifact(tiny_bundle, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", "model.int8.onnx"))
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["recommended"] = {"runtime": "ort-cpu", "artifact": "model.int8.onnx", "threads": 1, "device": "cpu",
-                               "session": {"engine": "onnxruntime", "device": "cpu", "threads": 1}}
+    manifest["recommended"] = Recommendation(runtime="ort-cpu", artifact="model.int8.onnx", precision="int8", threads=1,
+                                             session={"engine": "onnxruntime", "device": "cpu", "threads": 1}).to_dict()
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     clf = Classifier.load(bundle, self_test=True)
     assert clf.path.name == "model.int8.onnx" and clf.precision == "int8" and clf.backend.name == "onnxruntime"
@@ -176,8 +178,9 @@ def test_classifier_serves_the_recommended_onnx_artifact(tiny_bundle, tmp_path):
 def test_openvino_recommendation(tiny_bundle, tiny_data, tmp_path, monkeypatch):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["recommended"] = {"runtime": "openvino", "artifact": "model.onnx", "threads": 1, "device": "cpu",
-                               "session": {"engine": "openvino", "device": "cpu", "threads": 1, "precision_hint": "f32"}}
+    manifest["recommended"] = Recommendation(
+        runtime="openvino", artifact="model.onnx", precision="fp32", threads=1,
+        session={"engine": "openvino", "device": "cpu", "threads": 1, "precision_hint": "f32"}).to_dict()
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     images = sorted((tiny_data / "val").rglob("*.png"))
     expected = [p.indices[0] for p in Classifier.load(bundle, runtime="onnxruntime").predict(images)]
@@ -287,8 +290,9 @@ def test_a_cpu_recommendation_is_never_served_on_cuda(tiny_bundle, tmp_path):
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", "model.int8.onnx"))
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["recommended"] = {"runtime": "ort-cpu", "artifact": "model.int8.onnx", "threads": 1, "device": "cpu",
-                               "session": {"engine": "onnxruntime", "device": "cpu", "threads": 1, "graph_optimization": "extended"}}
+    manifest["recommended"] = Recommendation(
+        runtime="ort-cpu", artifact="model.int8.onnx", precision="int8", threads=1,
+        session={"engine": "onnxruntime", "device": "cpu", "threads": 1, "graph_optimization": "extended"}).to_dict()
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     path, settings = serving_choice(bundle, "cpu")
     assert path.name == "model.int8.onnx" and settings.graph_optimization == "extended" and settings.threads == 1

@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import TRAIN_ARGS, copy_bundle, needs_cuda, rtk
 from toolkit.core.bundle import Bundle
+from toolkit.core.manifest import Recommendation
 from toolkit.errors import RtkError
 from toolkit.evaluation import runners
 from toolkit.evaluation.runners import RunOptions, RuntimeUnavailable, Skipped, plan
@@ -214,8 +215,8 @@ def test_a_cpu_only_recommendation_is_not_served_on_cuda(tiny_bundle, tmp_path):
         pytest.skip(sessions.provider_problem("CUDAExecutionProvider"))
     bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", "model.int8.onnx"))
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["recommended"] = {"runtime": "ort-cpu", "artifact": "model.int8.onnx", "threads": 1, "device": "cpu",
-                               "session": {"engine": "onnxruntime", "device": "cpu", "threads": 1}}
+    manifest["recommended"] = Recommendation(runtime="ort-cpu", artifact="model.int8.onnx", precision="int8", threads=1,
+                                             session={"engine": "onnxruntime", "device": "cpu", "threads": 1}).to_dict()
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     clf = Classifier.load(bundle, providers=["cuda"], self_test=True)
     assert clf.path.name == "model.onnx" and clf.providers[0] == "CUDAExecutionProvider"

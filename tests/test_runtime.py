@@ -6,14 +6,14 @@ import textwrap
 import threading
 
 import numpy as np
-import onnx
 import pytest
 from PIL import Image
 
-from tests.conftest import copy_bundle, error_line, rtk
-from tests.test_export import BLOCK_TORCH
+from tests.conftest import BLOCK_TORCH, copy_bundle, error_line, rtk
 from toolkit.errors import CheckFailed, RtkError
 from toolkit.serving.classifier import Classifier
+
+pytestmark = pytest.mark.serving
 
 
 def test_importing_the_runtime_does_not_import_torch():
@@ -159,7 +159,10 @@ def test_self_test_allows_differences_within_the_tolerance(tiny_bundle, tmp_path
         Classifier.load(bundle, self_test=True)
 
 
+@pytest.mark.torch_stack
 def test_model_without_metadata_is_refused(tiny_bundle, tmp_path):
+    import onnx
+
     model = onnx.load(str(tiny_bundle / "model.onnx"))
     del model.metadata_props[:]
     onnx.save(model, str(tmp_path / "bare.onnx"))

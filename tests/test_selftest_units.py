@@ -13,6 +13,8 @@ from toolkit.core.preprocess import PreprocessSpec
 from toolkit.errors import CheckFailed, RtkError
 from toolkit.serving.classifier import SELFTEST_TOLERANCE, Classifier, read_selftest, softmax
 
+pytestmark = pytest.mark.serving
+
 EXPECTED = np.array([[4.0, 1.0, -2.0], [0.5, 3.0, 0.4], [-1.0, 0.0, 2.0]], np.float32)  # largest |logit| 4
 
 

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import copy_bundle
-from tests.test_export import BLOCK_TORCH
+from tests.conftest import BLOCK_TORCH, copy_bundle
 
 httpclient = pytest.importorskip("tritonclient.http", reason="the serve tests need tritonclient[http] (dev extra)")
 pytest.importorskip("fastapi", reason="the serve tests need the serve extra")
@@ -29,6 +28,8 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from toolkit.serving.classifier import Classifier  # noqa: E402
 from toolkit.serving.server import ServeConfig, create_app, model_info, uvicorn_config  # noqa: E402
+
+pytestmark = pytest.mark.serving
 
 
 def free_port() -> int:

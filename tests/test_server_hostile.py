@@ -31,6 +31,8 @@ from PIL import Image
 from tests.conftest import copy_bundle
 from tests.test_server import free_port, http, running
 
+pytestmark = pytest.mark.serving
+
 pytest.importorskip("fastapi", reason="the serve tests need the serve extra")
 
 RSS_BOUND_MB = 300

@@ -23,6 +23,8 @@ from toolkit.serving.server import (  # noqa: E402
     parse_infer,
 )
 
+pytestmark = pytest.mark.serving
+
 INFO = ModelInfo("m", 2, ("a", "b", "c"), ("logits", "probabilities"), "model.onnx", 4)
 
 
@@ -404,3 +406,23 @@ def test_the_json_length_header_may_cover_the_whole_body():
     assert parse_infer(body, str(len(body)), INFO, 8).images.shape == (1, 2, 2, 3)  # JSON only, no binary part
     with pytest.raises(BadRequest, match="malformed JSON"):  # a 1-byte JSON part is allowed, and is not JSON
         parse_infer(body, "1", INFO, 8)
+
+
+def test_the_served_config_is_rtk_tritons_with_the_delay_this_server_waits():
+    """/config answers the model configuration `rtk triton` builds (one function), with the server's own
+    batching delay, in the JSON shape Triton's ModelConfig reads."""
+    from toolkit.serving.triton import model_config
+
+    config = INFO.config(2.5, "cpu")
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 2500}  # no preferred sizes: it has none
+    assert config["platform"] == "onnxruntime_onnx" and config["parameters"] == {"file": {"string_value": "model.onnx"}}
+    assert config["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}] and INFO.config(0, "cuda")["instance_group"][0]["kind"] == "KIND_GPU"
+    tensors = ([("image", "TYPE_UINT8", [2, 2, 3])], [("logits", "TYPE_FP32", [3]), ("probabilities", "TYPE_FP32", [3])])
+    assert {k: v for k, v in config.items() if k != "platform"} == model_config(
+        "m", *tensors, max_batch_size=4, max_queue_delay_us=2500, parameters={"file": "model.onnx"})
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc]")
+    from google.protobuf import json_format
+
+    parsed = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+    assert parsed.dynamic_batching.max_queue_delay_microseconds == 2500 and list(parsed.input[0].dims) == [2, 2, 3]
+    assert parsed.output[0].label_filename == "labels.txt" and parsed.max_batch_size == 4

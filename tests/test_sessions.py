@@ -6,6 +6,8 @@ import pytest
 from toolkit.errors import ArtifactBroken, RtkError
 from toolkit.serving.sessions import SessionSettings, open_onnxruntime
 
+pytestmark = pytest.mark.serving
+
 
 def test_settings_round_trip_and_refuse_nonsense():
     s = SessionSettings(device="cuda", threads=2, graph_optimization="extended")

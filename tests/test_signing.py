@@ -21,13 +21,15 @@ pytest.importorskip("model_signing", reason="the signing tests need the sign ext
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa  # noqa: E402
 
-from tests.conftest import copy_bundle, error_line, rtk  # noqa: E402
-from tests.test_export import BLOCK_TORCH  # noqa: E402
+from tests.conftest import BLOCK_TORCH, copy_bundle, error_line, rtk  # noqa: E402
 from toolkit.core.fileio import sha256_file  # noqa: E402
+from toolkit.core.manifest import Recommendation  # noqa: E402
 from toolkit.errors import CheckFailed, RtkError  # noqa: E402
 from toolkit.serving import signing  # noqa: E402
 from toolkit.serving.classifier import Classifier  # noqa: E402
 from toolkit.serving.signing import SIGNATURE, sign_folder, verify_folder  # noqa: E402
+
+pytestmark = pytest.mark.serving
 
 BUNDLE_FILES = ("labels.txt", "manifest.json", "model.onnx", "selftest.npz")
 
@@ -100,6 +102,7 @@ def test_classifier_serves_a_private_copy_of_the_signed_files(signed, keys, tiny
     assert not root.exists()  # the private copy goes with the classifier
 
 
+@pytest.mark.torch_stack  # rtk verify
 def test_rtk_predict_and_rtk_verify_accept_a_signed_bundle(signed, keys, tiny_data, tmp_path):
     image = _image(tiny_data)
     result = rtk("predict", signed, image, "--trust", keys["team.pub"], "--self-test")
@@ -114,6 +117,7 @@ def test_rtk_predict_and_rtk_verify_accept_a_signed_bundle(signed, keys, tiny_da
     verify_folder(bundle, [keys["team.pub"]])
 
 
+@pytest.mark.torch_stack  # rtk verify
 def test_rtk_verify_refuses_an_unsigned_bundle_at_its_entry(tiny_bundle, keys, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     result = rtk("verify", bundle, "--random", "2", "--runtime", "ort-cpu", "--trust", keys["team.pub"])
@@ -262,8 +266,8 @@ def test_a_trusted_openvino_ir_is_served_from_private_copies_of_both_its_files(s
     manifest["files"]["model.openvino.xml"] = {
         **manifest["files"]["model.onnx"], "format": "openvino", "sha256": sha256_file(xml), "bytes": xml.stat().st_size,
         "weights": {"file": weights.name, "sha256": sha256_file(weights), "bytes": weights.stat().st_size}}
-    manifest["recommended"] = {"runtime": "openvino", "artifact": xml.name, "device": "cpu",
-                               "session": SessionSettings(engine="openvino", threads=1).to_dict()}
+    manifest["recommended"] = Recommendation(runtime="openvino", artifact=xml.name, precision="fp32",
+                                             session=SessionSettings(engine="openvino", threads=1).to_dict()).to_dict()
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     sign_folder(bundle, keys["team"])
     clf = Classifier.load(bundle, trust=[keys["team.pub"]], runtime="openvino")

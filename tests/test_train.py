@@ -22,7 +22,7 @@ from toolkit.training.train import (
     BF16_CPU_BAD_GRAD_MAX_SIZE,
     TrainConfig,
     lr_factor,
-    resolve_runtime,
+    resolve_placement,
     train_step,
 )
 
@@ -78,14 +78,14 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
 
 def test_a_step_with_a_non_finite_loss_or_gradients_leaves_the_model_as_it_was(tiny_run):
     model = model_from_checkpoint(load_checkpoint(tiny_run / "checkpoint.pt")).train()
-    runtime = resolve_runtime(TrainConfig(precision="fp32"))
+    placement = resolve_placement(TrainConfig(precision="fp32"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     images, targets = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
 
     def step(batch):
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        _, _, applied = train_step(model, batch, targets, optimizer, scaler, nn.CrossEntropyLoss(), runtime)
+        _, _, applied = train_step(model, batch, targets, optimizer, scaler, nn.CrossEntropyLoss(), placement)
         return applied, _same(before, model.state_dict())
 
     poisoned = images.clone()
@@ -135,20 +135,20 @@ def test_precision_auto_follows_the_cpu(monkeypatch):
     fast = CpuInfo("x", 2, 2, frozenset({"amx_tile", "amx_bf16"}))
     slow = CpuInfo("x", 2, 2, frozenset({"avx2"}))
     monkeypatch.setattr("toolkit.training.train.cpu_info", lambda: fast)
-    assert resolve_runtime(TrainConfig(device="cpu")).precision == "bf16"
+    assert resolve_placement(TrainConfig(device="cpu")).precision == "bf16"
     monkeypatch.setattr("toolkit.training.train.cpu_info", lambda: slow)
-    assert resolve_runtime(TrainConfig(device="cpu")).precision == "fp32"
+    assert resolve_placement(TrainConfig(device="cpu")).precision == "fp32"
     with pytest.raises(RtkError, match="fp16 needs CUDA"):
-        resolve_runtime(TrainConfig(device="cpu", precision="fp16"))
+        resolve_placement(TrainConfig(device="cpu", precision="fp16"))
     monkeypatch.setattr("toolkit.training.train.cpu_info", lambda: fast)
     small = BF16_CPU_BAD_GRAD_MAX_SIZE
-    assert resolve_runtime(TrainConfig(device="cpu", image_size=small, resize_size=small)).precision == "fp32"
+    assert resolve_placement(TrainConfig(device="cpu", image_size=small, resize_size=small)).precision == "fp32"
     with pytest.raises(RtkError, match="wrong gradients for images of 16 px"):
-        resolve_runtime(TrainConfig(device="cpu", precision="bf16", image_size=small, resize_size=small))
-    assert resolve_runtime(TrainConfig(device="cpu", image_size=small + 1, resize_size=small + 1)).precision == "bf16"
+        resolve_placement(TrainConfig(device="cpu", precision="bf16", image_size=small, resize_size=small))
+    assert resolve_placement(TrainConfig(device="cpu", image_size=small + 1, resize_size=small + 1)).precision == "bf16"
     if not torch.cuda.is_available():
         with pytest.raises(RtkError, match="is_available"):
-            resolve_runtime(TrainConfig(device="cuda"))
+            resolve_placement(TrainConfig(device="cuda"))
 
 
 def _bf16_weight_grad_error(input_size: int) -> float:
@@ -179,7 +179,7 @@ def _smallest_stride2_conv_input(image_size: int) -> int:
 
 
 def test_bf16_on_the_cpu_is_allowed_from_the_size_where_its_gradients_are_right():
-    # resolve_runtime allows bf16 from BF16_CPU_BAD_GRAD_MAX_SIZE + 1 px: that size must give right gradients
+    # resolve_placement allows bf16 from BF16_CPU_BAD_GRAD_MAX_SIZE + 1 px: that size must give right gradients
     smallest = _smallest_stride2_conv_input(BF16_CPU_BAD_GRAD_MAX_SIZE + 1)
     assert smallest == 2 and _smallest_stride2_conv_input(BF16_CPU_BAD_GRAD_MAX_SIZE) == 1
     model = models.build("resnet18", 2).eval()
@@ -294,17 +294,17 @@ def test_ddp_with_two_cpu_processes(tiny_data, tmp_path):
 def test_a_step_the_grad_scaler_skips_is_not_applied_and_keeps_batchnorm_statistics(tiny_run):
     """fp16's GradScaler skips a step whose scaled gradients overflow although the loss is finite."""
     model = model_from_checkpoint(load_checkpoint(tiny_run / "checkpoint.pt")).train()
-    runtime = resolve_runtime(TrainConfig(precision="fp32"))
+    placement = resolve_placement(TrainConfig(precision="fp32"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     images, targets = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     hook = model.fc.weight.register_hook(lambda g: g * float("inf"))  # an overflow in one gradient only
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _, loss, applied = train_step(model, images, targets, optimizer, scaler, nn.CrossEntropyLoss(), runtime)
+    _, loss, applied = train_step(model, images, targets, optimizer, scaler, nn.CrossEntropyLoss(), placement)
     assert torch.isfinite(loss) and not applied
     assert _same(before, model.state_dict())  # weights and BatchNorm running statistics as they were
     hook.remove()
-    _, _, applied = train_step(model, images, targets, optimizer, scaler, nn.CrossEntropyLoss(), runtime)
+    _, _, applied = train_step(model, images, targets, optimizer, scaler, nn.CrossEntropyLoss(), placement)
     assert applied and not _same(before, model.state_dict())
 
 

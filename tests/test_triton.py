@@ -5,9 +5,12 @@ import json
 import pytest
 
 from tests.conftest import copy_bundle, error_line, rtk
+from toolkit.core.manifest import Recommendation
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc] (dev extra)")
 from google.protobuf import text_format  # noqa: E402
+
+pytestmark = pytest.mark.serving
 
 
 def parse(path):
@@ -39,8 +42,8 @@ def test_tensorrt_and_openvino_accelerators(tiny_bundle, tmp_path):
     assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
     bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", "model.int8.onnx"))
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["recommended"] = {"runtime": "openvino", "artifact": "model.int8.onnx", "device": "cpu", "threads": 1,
-                               "session": {"engine": "openvino", "device": "cpu", "threads": 1}}
+    manifest["recommended"] = Recommendation(runtime="openvino", artifact="model.int8.onnx", precision="int8", threads=1,
+                                             session={"engine": "openvino", "device": "cpu", "threads": 1}).to_dict()
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     result = rtk("triton", bundle, "--output", tmp_path / "r2", "--device", "cpu")
     assert result.exit_code == 0, result.output

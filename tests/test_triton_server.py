@@ -22,6 +22,7 @@ httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (dev extra)")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from toolkit.core.manifest import Recommendation  # noqa: E402
 from toolkit.serving.classifier import Classifier  # noqa: E402
 
 
@@ -30,8 +31,9 @@ def recommending(src: Path, dst: Path, runtime: str, artifact: str, files: tuple
     bundle = copy_bundle(src, dst, files=files)
     manifest = json.loads((bundle / "manifest.json").read_text())
     engine = "openvino" if runtime.startswith("openvino") else "onnxruntime"
-    manifest["recommended"] = {"runtime": runtime, "artifact": artifact, "device": "cpu", "threads": 1,
-                               "session": {"engine": engine, "device": "cpu", "threads": 1}}
+    manifest["recommended"] = Recommendation(runtime=runtime, artifact=artifact, threads=1,
+                                             precision=manifest["files"][artifact]["precision"],
+                                             session={"engine": engine, "device": "cpu", "threads": 1}).to_dict()
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     return bundle
 

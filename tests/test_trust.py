@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import copy_bundle, error_line, reseal, rtk
 from toolkit.core.bundle import Bundle
+from toolkit.core.manifest import Recommendation
 from toolkit.errors import ArtifactBroken, RtkError
 
 
@@ -418,8 +419,8 @@ def test_verify_write_back_keeps_a_recommendation_added_meanwhile(tiny_bundle, t
     import toolkit.evaluation.verify as verify
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
-    recommended = {"artifact": "model.onnx", "runtime": "ort-cpu", "device": "cpu", "precision": "fp32",
-                   "session": {"device": "cpu", "engine": "onnxruntime", "graph_optimization": "all"}}
+    recommended = Recommendation(artifact="model.onnx", runtime="ort-cpu", device="cpu", precision="fp32",
+                                 session={"device": "cpu", "engine": "onnxruntime", "graph_optimization": "all"}).to_dict()
     real = verify.load_inputs
 
     def optimize_meanwhile(*args, **kwargs):  # runs after verify opened the bundle, before it writes back

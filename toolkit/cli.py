@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from toolkit import __version__
+from toolkit.core.formats import DEFAULT_FORMATS, FORMATS, PRECISIONS
 from toolkit.errors import RtkError
 
 
@@ -190,9 +191,9 @@ def train_cmd(ctx: click.Context, data_dir: Path, output: Path, resume: Path | N
 @main.command("export")
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
-@click.option("--format", "formats", multiple=True, type=click.Choice(["onnx", "torchscript", "pt2", "openvino"]),
+@click.option("--format", "formats", multiple=True, type=click.Choice(FORMATS),
               help="Repeatable [onnx, torchscript, pt2]; openvino adds OpenVINO IRs (with onnx).")
-@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
               help="ONNX precisions, repeatable [fp32]. int8 needs --calibration-data.")
 @click.option("--opset", default=18, show_default=True)
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True,
@@ -216,7 +217,7 @@ def export_cmd(checkpoint: Path | None, output: Path, formats: tuple[str, ...], 
     labels.txt, manifest.json. Input: uint8 [N, S, S, 3] RGB; the preprocessing is inside the graph."""
     from toolkit.export.exporter import ExportConfig, export_bundle
 
-    config = ExportConfig(formats=formats or ("onnx", "torchscript", "pt2"), precisions=precisions or ("fp32",),
+    config = ExportConfig(formats=formats or DEFAULT_FORMATS, precisions=precisions or ("fp32",),
                           opset=opset, exporter=exporter, softmax=softmax, calibration_data=calibration_data,
                           calibration_size=calibration_size, force=force, verify=verify, any_size=any_size)
     export_bundle(output, config, checkpoint, arch, weights, num_classes, image_size, echo=click.echo)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.core.fileio import folder_lock, sha256_file
-from toolkit.core.manifest import FileEntry, Manifest, check_plain_name
+from toolkit.core.formats import ANY_SIZE_FILE, FILES, FORMATS, PRECISIONS, file_name  # noqa: F401 (re-exported)
+from toolkit.core.manifest import FileEntry, Manifest, Recommendation, check_plain_name
 from toolkit.errors import ArtifactBroken, RtkError
 
 MANIFEST = "manifest.json"
@@ -18,36 +19,20 @@ LABELS = "labels.txt"
 SELFTEST = "selftest.npz"
 # every exported graph's I/O: one uint8 NHWC input, logits (and probabilities with --softmax) out
 INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities")
-# File name -> (format, precision). Fixed names so a service finds what it needs without guessing.
-FILES = {
-    "model.onnx": ("onnx", "fp32"),
-    "model.fp16.onnx": ("onnx", "fp16"),
-    "model.int8.onnx": ("onnx", "int8"),
-    "model.ts": ("torchscript", "fp32"),
-    "model.pt2": ("pt2", "fp32"),
-    "model.any-size.onnx": ("onnx", "fp32"),  # resize + center crop inside the graph: any image size in
-    "model.openvino.xml": ("openvino", "fp32"),  # OpenVINO IR (+ .bin), converted from model.onnx
-    "model.openvino-int8.xml": ("openvino", "int8"),  # NNCF int8 IR
-    "model.openvino-int8-ac.xml": ("openvino", "int8"),  # NNCF int8 with accuracy control (rtk optimize)
-}
 ANY_SIZE = "any-size"  # a manifest entry's "input": decoded images of any size, not crops
-ANY_SIZE_FILE = "model.any-size.onnx"
-FORMATS = ("onnx", "torchscript", "pt2", "openvino")
-PRECISIONS = ("fp32", "fp16", "int8")
 _HELD: dict[tuple[str, int], int] = {}  # (bundle root, thread) holding the writer lock, and how deeply
 LABELS_MAX_BYTES = 1 << 20  # a label file for 100,000 classes fits; anything larger is not a label file
+
+
+def selftest_key(name: str, engine: str = "onnxruntime") -> str:
+    """The key of a file's expected logits in selftest.npz: onnxruntime's under the file name, another
+    engine's ("openvino", "openvino-bf16": OpenVINO computes a little differently) under "ENGINE:FILE"."""
+    return name if engine == "onnxruntime" else f"{engine}:{name}"
 
 
 def takes_any_size(entry) -> bool:
     """The file resizes and crops inside its graph (its input is a whole decoded image)."""
     return entry.get("input") == ANY_SIZE
-
-
-def file_name(fmt: str, precision: str = "fp32") -> str:
-    for name, key in FILES.items():
-        if key == (fmt, precision):
-            return name
-    raise RtkError(f"no {precision} {fmt} file: only ONNX has fp16 and int8 variants")
 
 
 class Bundle:
@@ -180,10 +165,13 @@ class Bundle:
             finally:
                 del _HELD[key]
 
-    def update(self, **changes: Any) -> None:
-        """Change typed manifest fields and write manifest.json (atomically). The manifest is re-read under
-        the bundle's lock and only the changed keys replaced, so what another writer added since this
-        bundle was opened (optimize's `recommended`, a new file) is kept."""
+    def update(self, *, verification: dict[str, Any] | None = None, optimization: dict[str, Any] | None = None,
+               recommended: Recommendation | None = None) -> None:
+        """Replace the reports given (None: kept as they are) and write manifest.json (atomically). The manifest
+        is re-read under the bundle's lock and only those keys replaced, so what another writer added since
+        this bundle was opened (optimize's `recommended`, a new file) is kept."""
+        given = {"verification": verification, "optimization": optimization, "recommended": recommended}
+        changes = {key: value for key, value in given.items() if value is not None}
         self._write(lambda current: current.with_values(**changes))
 
     def add_file(self, name: str, entry: FileEntry) -> None:

@@ -1,13 +1,14 @@
 """manifest.json as a typed, standard-library dataclass: read and validated once, used by every stage.
 
 A missing key or a value of the wrong type is one clear RtkError naming the file and the key.
-Keys the toolkit does not know (added by a newer version, or by hand) are kept when it writes.
+Keys the toolkit does not know (added by a newer version, or by hand) are kept when it writes, except in
+`recommended` (Recommendation), what serving opens: its keys are exactly what `rtk optimize` writes.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,14 @@ def _check(where: str, data: dict[str, Any], key: str, kind: type | tuple[type, 
     value = data[key]
     if value is None and not required:
         return None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise RtkError(f"{where}: {key!r} must be {names}, got {type(value).__name__}")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON true is no number
+        raise RtkError(f"{where}: {key!r} must be {' or '.join(map(_type_name, kinds))}, got {_type_name(type(value))}")
     return value
+
+
+def _type_name(kind: type) -> str:
+    return "null" if kind is type(None) else kind.__name__
 
 
 def check_plain_name(name: Any, where: str) -> str:
@@ -98,6 +103,92 @@ class FileEntry:
         return self.to_dict().get(key, default)
 
 
+NUMBER = (int, float)
+OPTIONAL_NUMBER = (int, float, type(None))
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """What `rtk optimize` found fastest among the candidates that passed verification, and what serving
+    opens: the runtime, the file, its session settings and the figures it was chosen on. runtime, artifact
+    and precision are required; a key an older rtk optimize did not write takes its default (no `session`:
+    serving opens model.onnx with default settings, as it always did for such bundles); a key it does not
+    know, or a value of the wrong type, is refused, so a typo never silently serves the defaults."""
+
+    runtime: str  # the runner's registry name: ort-cpu, openvino, openvino-bf16, eager, torchscript, ...
+    artifact: str  # a plain file name in the bundle, or "checkpoint" (eager)
+    precision: str
+    device: str = "cpu"
+    threads: int | None = None
+    settings: str = ""  # the session in words ("2 threads, graph all")
+    # SessionSettings.to_dict() (toolkit.serving.sessions, which core may not import); None for a torch runtime
+    session: dict[str, Any] | None = None
+    cpu: dict[str, Any] | None = None  # the CPU it was chosen on (CpuInfo.to_dict()): another CPU optimizes again
+    speedup_vs_onnxruntime_default: float | None = None
+    speedup_vs_openvino_default: float | None = None
+    batch_size: int = 1  # the batch size the figures are for (optimize's first)
+    p50_ms: float | None = None
+    speedup_vs_eager: float | None = None
+    speedup_vs_eager_spread: float | None = None  # (max - min) / median of that ratio over the rounds
+    accuracy_change_points: float | None = None
+    accuracy_interval_points: tuple[float, float] | None = None
+
+    TYPES = {"runtime": str, "artifact": str, "precision": str, "device": str, "threads": (int, type(None)),
+             "settings": str, "session": (dict, type(None)), "cpu": (dict, type(None)),
+             "speedup_vs_onnxruntime_default": OPTIONAL_NUMBER, "speedup_vs_openvino_default": OPTIONAL_NUMBER,
+             "batch_size": int, "p50_ms": OPTIONAL_NUMBER, "speedup_vs_eager": OPTIONAL_NUMBER,
+             "speedup_vs_eager_spread": OPTIONAL_NUMBER, "accuracy_change_points": OPTIONAL_NUMBER,
+             "accuracy_interval_points": (list, type(None))}
+    REQUIRED = ("runtime", "artifact", "precision")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Recommendation:
+        if not isinstance(data, dict):
+            raise RtkError(f"{where} must be an object, got {type(data).__name__}")
+        if "artifact" in data:  # first: a path out of the bundle is the refusal that matters most
+            check_plain_name(data["artifact"], f"{where} 'artifact'")
+        unknown = sorted(set(data) - set(cls.TYPES))
+        if unknown:
+            raise RtkError(f"{where}: unknown key {', '.join(map(repr, unknown))} (run rtk optimize again)")
+        missing = [key for key in cls.REQUIRED if key not in data]
+        if missing:
+            raise RtkError(f"{where}: missing key {', '.join(map(repr, missing))} (run rtk optimize again)")
+        values = {key: _check(where, data, key, kind) for key, kind in cls.TYPES.items() if key in data}
+        interval = values.get("accuracy_interval_points")
+        if interval is not None:
+            if len(interval) != 2 or not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in interval):
+                raise RtkError(f"{where}: 'accuracy_interval_points' must be a list of two numbers")
+            values["accuracy_interval_points"] = tuple(interval)
+        if values.get("session") is not None and not all(isinstance(k, str) for k in values["session"]):
+            raise RtkError(f"{where}: 'session' must be an object of session settings")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object optimize writes, keys in its order."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.accuracy_interval_points is not None:
+            out["accuracy_interval_points"] = list(self.accuracy_interval_points)
+        return out
+
+    @property
+    def engine(self) -> str:
+        """openvino | onnxruntime | torch: the family of the recommended runtime."""
+        if self.runtime.startswith("openvino"):
+            return "openvino"
+        return "onnxruntime" if self.runtime.startswith("ort") else "torch"
+
+    @property
+    def onnx_file(self) -> bool:
+        return self.artifact.endswith(".onnx")
+
+    def servable_on(self, device: str) -> bool:
+        """Whether the torch-free serving runtime opens it as recorded on `device`: recorded for that device
+        with session settings, on an ONNX file or on an OpenVINO IR with an OpenVINO session."""
+        if self.session is None or self.device != device:
+            return False
+        return self.onnx_file or (self.artifact.endswith(".xml") and self.session.get("engine") == "openvino")
+
+
 @dataclass(frozen=True)
 class Manifest:
     arch: str
@@ -106,7 +197,7 @@ class Manifest:
     source: dict[str, Any]
     files: dict[str, FileEntry]
     softmax: bool = False
-    recommended: dict[str, Any] | None = None
+    recommended: Recommendation | None = None
     verification: dict[str, Any] | None = None
     optimization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # format, version, created, versions, selftest, ...
@@ -127,8 +218,8 @@ class Manifest:
         files = {check_plain_name(name, f"{where} 'files'"): FileEntry.from_dict(entry, f"{where} files[{name!r}]")
                  for name, entry in _check(where, data, "files", dict).items()}
         recommended = _check(where, data, "recommended", dict, required=False)
-        if recommended is not None and "artifact" in recommended:
-            check_plain_name(recommended["artifact"], f"{where} 'recommended' 'artifact'")
+        if recommended is not None:
+            recommended = Recommendation.from_dict(recommended, f"{where} 'recommended'")
         return cls(arch=_check(where, data, "arch", str), classes=tuple(classes), preprocess=spec, source=source,
                    files=files, softmax=bool(_check(where, data, "softmax", bool, required=False)),
                    recommended=recommended,
@@ -153,7 +244,9 @@ class Manifest:
         out: dict[str, Any] = {**self.extra, "arch": self.arch, "classes": list(self.classes),
                                "preprocess": self.preprocess.to_dict(), "source": self.source,
                                "softmax": self.softmax, "files": {n: e.to_dict() for n, e in self.files.items()}}
-        for key in ("recommended", "verification", "optimization"):
+        if self.recommended is not None:
+            out["recommended"] = self.recommended.to_dict()
+        for key in ("verification", "optimization"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out

@@ -102,72 +102,16 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
     runtime that cannot exist here is skipped; an artifact that cannot be loaded is a failure."""
     import torch
 
-    from toolkit.evaluation.runners import (
-        Failed,
-        RunOptions,
-        Skipped,
-        each_loaded,
-        plan,
-        require_named,
-        runtime,
-        runtimes_on,
-    )
-    from toolkit.training.checkpoint import source_from_manifest
+    from toolkit.evaluation.runners import each_loaded
 
     bundle = Bundle.open(bundle_path)
-    spec = bundle.manifest.preprocess
     threads = config.thread_count
     torch.set_num_threads(threads)
-    options = RunOptions(threads=threads, tf32=False, cuda_graph=config.cuda_graph)
-    named = list(config.runtimes) if config.runtimes else None
-    entries = plan(bundle, runtimes_on(config.device, named) if config.device else named,
-                   lambda: (source_from_manifest(bundle.manifest)[0], spec), options)
-    require_named(entries, named)
-    rng = np.random.default_rng(config.seed)
-    sizes = sorted(set(config.batch_sizes) | (set(SWEEP_BATCHES) if config.sweep else set()))
-    batches = {b: rng.integers(0, 256, (b, spec.crop_size, spec.crop_size, 3), dtype=np.uint8) for b in sizes}
-    width, height = config.any_size_input
-    whole = {b: rng.integers(0, 256, (b, height, width, 3), dtype=np.uint8) for b in sizes}  # for any-size files
+    inputs = _BenchInputs.of(bundle.manifest.preprocess, config)
     results: list[dict[str, Any]] = []
     later: list[tuple[Any, dict[int, np.ndarray], dict[str, Any]]] = []  # loaded once, timed together afterwards
-    for entry in each_loaded(entries):
-        base = {"runtime": entry.runtime, "artifact": entry.artifact, "precision": entry.precision}
-        any_size = bundle.any_size(entry.artifact)
-        inputs = whole if any_size else batches
-        base["input"] = f"{width}x{height} image, resized in the graph" if any_size else f"{spec.crop_size}x{spec.crop_size} crop"
-        if isinstance(entry, (Skipped, Failed)):
-            failed = isinstance(entry, Failed)
-            results.append({**base, "skipped": not failed, "failed": failed, "reason": entry.reason})
-            echo(f"{entry.runtime:<19} {entry.artifact:<16} {'FAILED' if failed else 'skipped'}: {entry.reason}")
-            continue
-        start = time.perf_counter()
-        try:
-            entry(inputs[min(inputs)])  # the first result: cold start ends here (load time is in entry.details)
-        except Exception as exc:
-            results.append({**base, "skipped": False, "failed": True, "reason": f"{entry.artifact}: {first_line(exc)}"})
-            echo(f"{entry.runtime:<19} {entry.artifact:<16} FAILED: {first_line(exc)}")
-            continue
-        cold = entry.load_seconds + time.perf_counter() - start
-        measured = {**base, "cold_start_s": cold, "threads": threads, "skipped": False, "failed": False}
-        if runtime(entry.runtime).device == "cuda":  # device memory of this runtime alone, at every batch size
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            for b in config.batch_sizes:
-                entry.run_prepared(entry.prepare(inputs[b]))
-            measured["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        measured.update(**entry.memory.to_dict(), details=dict(entry.details))
-        if config.interleave:  # timed below, with every other runtime, in shuffled rounds
-            later.append((entry, inputs, measured))
-        else:
-            for b in config.batch_sizes:
-                samples = time_runner(entry.run_prepared, entry.prepare(inputs[b]), config.warmup, config.iterations,
-                                      config.min_seconds)
-                record = {**measured, "batch_size": b, **latency_stats(samples, b)}
-                record["unstable"] = record["cv"] > UNSTABLE_CV
-                results.append(record)
-                echo(_row(record))
-        if config.sweep:
-            results.extend(sweep(entry, inputs, config, echo))
+    for entry in each_loaded(_entries(bundle, config, threads)):
+        results.extend(_measure(entry, bundle, inputs, config, threads, later, echo))
     if later:
         results.extend(interleaved(later, config, echo))
     add_speedups(results)
@@ -175,8 +119,95 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
     env["threads"] = {"requested": threads, "torch": torch.get_num_threads(), "onnxruntime_intra_op": threads,
                       "onnxruntime_inter_op": 1}
     return {"environment": env, "config": asdict(config), "bundle": str(bundle.root),
-            "arch": bundle.manifest.arch, "image_size": spec.crop_size, "results": results,
+            "arch": bundle.manifest.arch, "image_size": bundle.manifest.preprocess.crop_size, "results": results,
             "passed": not any(r.get("failed") for r in results)}
+
+
+def _entries(bundle: Bundle, config: BenchConfig, threads: int) -> list[Any]:
+    """The runners to time: the runtimes asked for (all on the device, or all) with this bundle's files."""
+    from toolkit.evaluation.runners import RunOptions, plan, require_named, runtimes_on
+    from toolkit.training.checkpoint import source_from_manifest
+
+    options = RunOptions(threads=threads, tf32=False, cuda_graph=config.cuda_graph)
+    named = list(config.runtimes) if config.runtimes else None
+    entries = plan(bundle, runtimes_on(config.device, named) if config.device else named,
+                   lambda: (source_from_manifest(bundle.manifest)[0], bundle.manifest.preprocess), options)
+    require_named(entries, named)
+    return entries
+
+
+@dataclass(frozen=True)
+class _BenchInputs:
+    """Seeded random uint8 batches at every batch size: crops, and whole images for any-size files."""
+
+    crops: dict[int, np.ndarray]
+    whole: dict[int, np.ndarray]
+    crop_label: str
+    whole_label: str
+
+    @classmethod
+    def of(cls, spec, config: BenchConfig) -> _BenchInputs:
+        rng = np.random.default_rng(config.seed)
+        sizes = sorted(set(config.batch_sizes) | (set(SWEEP_BATCHES) if config.sweep else set()))
+        crops = {b: rng.integers(0, 256, (b, spec.crop_size, spec.crop_size, 3), dtype=np.uint8) for b in sizes}
+        width, height = config.any_size_input
+        whole = {b: rng.integers(0, 256, (b, height, width, 3), dtype=np.uint8) for b in sizes}
+        return cls(crops, whole, f"{spec.crop_size}x{spec.crop_size} crop", f"{width}x{height} image, resized in the graph")
+
+
+def _measure(entry, bundle: Bundle, inputs: _BenchInputs, config: BenchConfig, threads: int,
+             later: list[tuple[Any, dict[int, np.ndarray], dict[str, Any]]], echo: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One loaded runner's records: its skip or failure, or its cold start and memory and, unless timed later
+    with the others (`later`), its latency at each batch size."""
+    from toolkit.evaluation.runners import Failed, Skipped
+
+    any_size = bundle.any_size(entry.artifact)
+    batches = inputs.whole if any_size else inputs.crops
+    base = {"runtime": entry.runtime, "artifact": entry.artifact, "precision": entry.precision,
+            "input": inputs.whole_label if any_size else inputs.crop_label}
+    if isinstance(entry, (Skipped, Failed)):
+        failed = isinstance(entry, Failed)
+        echo(f"{entry.runtime:<19} {entry.artifact:<16} {'FAILED' if failed else 'skipped'}: {entry.reason}")
+        return [{**base, "skipped": not failed, "failed": failed, "reason": entry.reason}]
+    start = time.perf_counter()
+    try:
+        entry(batches[min(batches)])  # the first result: cold start ends here (load time is in entry.details)
+    except Exception as exc:
+        echo(f"{entry.runtime:<19} {entry.artifact:<16} FAILED: {first_line(exc)}")
+        return [{**base, "skipped": False, "failed": True, "reason": f"{entry.artifact}: {first_line(exc)}"}]
+    cold = entry.load_seconds + time.perf_counter() - start
+    measured = {**base, "cold_start_s": cold, "threads": threads, "skipped": False, "failed": False}
+    measured.update(_cuda_peak(entry, batches, config))
+    measured.update(**entry.memory.to_dict(), details=dict(entry.details))
+    records = []
+    if config.interleave:  # timed afterwards, with every other runtime, in shuffled rounds
+        later.append((entry, batches, measured))
+    else:
+        for b in config.batch_sizes:
+            samples = time_runner(entry.run_prepared, entry.prepare(batches[b]), config.warmup, config.iterations,
+                                  config.min_seconds)
+            record = {**measured, "batch_size": b, **latency_stats(samples, b)}
+            record["unstable"] = record["cv"] > UNSTABLE_CV
+            records.append(record)
+            echo(_row(record))
+    if config.sweep:
+        records.extend(sweep(entry, batches, config, echo))
+    return records
+
+
+def _cuda_peak(entry, batches: dict[int, np.ndarray], config: BenchConfig) -> dict[str, float]:
+    """Device memory of a CUDA runtime alone, at every batch size; nothing for a CPU one."""
+    from toolkit.evaluation.runners import runtime
+
+    if runtime(entry.runtime).device != "cuda":
+        return {}
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for b in config.batch_sizes:
+        entry.run_prepared(entry.prepare(batches[b]))
+    return {"cuda_peak_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
 def sweep(runner, batches: dict[int, np.ndarray], config: BenchConfig, echo) -> list[dict[str, Any]]:

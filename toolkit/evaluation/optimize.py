@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.core.bundle import Bundle
+from toolkit.core.bundle import Bundle, selftest_key
 from toolkit.core.fileio import atomic_path, folder_lock, library_writes, sha256_file
 from toolkit.core.hardware import cpu_info, usable_cpus
-from toolkit.core.manifest import FileEntry
+from toolkit.core.manifest import FileEntry, Recommendation
 from toolkit.core.tables import render
 from toolkit.core.versions import version_of
 from toolkit.errors import RtkError
@@ -153,7 +153,7 @@ def _write_ir(bundle: Bundle, name: str, crops: np.ndarray, control, exporter: s
     import tempfile
 
     from toolkit.core.openvino_ir import entry_extra, weights_of
-    from toolkit.export.openvino import write_int8
+    from toolkit.export.openvino import write_nncf_int8
     from toolkit.training.checkpoint import ModelSource
 
     source = ModelSource.from_manifest(bundle.manifest)
@@ -161,7 +161,7 @@ def _write_ir(bundle: Bundle, name: str, crops: np.ndarray, control, exporter: s
     with tempfile.TemporaryDirectory(prefix=".rtk-ir-", dir=bundle.root) as staging:
         xml = Path(staging) / name
         with library_writes(bundle.path(name)):  # OpenVINO writes in C++: a full disk is one line naming the file
-            info = write_int8(bundle.path("model.onnx"), xml, crops, metadata(source, "int8", bundle.manifest.softmax),
+            info = write_nncf_int8(bundle.path("model.onnx"), xml, crops, metadata(source, "int8", bundle.manifest.softmax),
                               control)
         if not keep(info):
             return info
@@ -250,12 +250,23 @@ def settings(runner) -> str:
     return ", ".join(parts)
 
 
+@dataclass(frozen=True)
+class Holdout:
+    """The held-out labelled images and the eager model's logits on them: what every candidate is checked against."""
+
+    inputs: Any  # toolkit.evaluation.verify's loaded inputs: crops, labels, names
+    reference: np.ndarray
+    folder: Path
+
+
 @keeps_torch_threads
 def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build the candidates the bundle lacks, verify each against the eager model on the held-out images, time
+    those that pass in interleaved rounds, and record the fastest in the manifest as `recommended`. Returns
+    the report (every candidate's row, the ranking, the recommendation), which is also the manifest's
+    `optimization`."""
     import torch
 
-    from toolkit.evaluation.benchmark import STAT_KEYS, BenchConfig, interleaved, round_ratios
-    from toolkit.evaluation.runners import Failed, Skipped, each_loaded
     from toolkit.training.checkpoint import source_from_manifest
 
     bundle = Bundle.open(bundle_path)
@@ -264,28 +275,59 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
     spec = bundle.manifest.preprocess
     calib_dir, holdout_dir = split_folders(config.calibration_data, config.holdout)
     model, _ = source_from_manifest(bundle.manifest)
-    holdout = load_inputs(holdout_dir, 0, spec, bundle.classes, config.seed)
-    if holdout.labels is None:
+    inputs = load_inputs(holdout_dir, 0, spec, bundle.classes, config.seed)
+    if inputs.labels is None:
         raise RtkError(f"{holdout_dir} must be an ImageFolder whose class folders are the bundle's classes")
     crops = calibration_crops(str(calib_dir), config.calibration_size, spec, config.seed)
-    built = build_candidates(bundle, crops, config.recipes, echo)
-    update_selftest(bundle, {name: _ort_cpu(bundle.path(name)) for name in built})
-    from toolkit.export.openvino import AccuracyControl
-
-    control = AccuracyControl(holdout.crops, holdout.labels, config.max_accuracy_drop)
-    # the key OpenVINO's serving backend looks up
-    update_selftest(bundle, {f"openvino:{ir}": open_openvino(bundle.path(ir), SessionSettings(engine="openvino")).run
-                             for ir in build_nncf_irs(bundle, crops, control, echo)})
+    build_all(bundle, crops, inputs, config, echo)
     threads = config.threads or usable_cpus()
     torch.set_num_threads(threads)
-    reference = reference_logits(model, spec, holdout.crops)
-    gates = config.gates
-    rows: list[dict[str, Any]] = []
-    passing: list[tuple[Any, dict[int, np.ndarray], dict[str, Any]]] = []
+    holdout = Holdout(inputs, reference_logits(model, spec, inputs.crops), holdout_dir)
+    rows, passing, selftest_outputs = verify_candidates(bundle, lambda: (model, spec), holdout, threads, config, echo)
+    time_candidates(passing, config, echo)
+    add_speedups(rows, config.batch_sizes)
+    first = config.batch_sizes[0]
+    ranked = sorted((r for r in rows if r["status"] == "passed"), key=lambda r: r[f"b{first}"]["p50_ms"])
+    if not ranked:
+        raise RtkError("no candidate passed verification: nothing to recommend")
+    cpu = cpu_info().to_dict()
+    recommended = recommendation(ranked[0], threads, cpu, first)
+    report = _report(bundle, config, holdout, len(crops), calib_dir, threads, cpu, rows, ranked, recommended)
+    if recommended.engine == "openvino":  # the self-test expects what this OpenVINO session computed
+        key = selftest_key(recommended.artifact, recommended.runtime)
+        update_selftest(bundle, {key: lambda images: selftest_outputs[key]})
+    bundle.update(optimization=report, recommended=recommended)
+    return report
+
+
+def build_all(bundle: Bundle, crops: np.ndarray, inputs, config: OptimizeConfig, echo) -> None:
+    """Every candidate file the bundle lacks, each with its expected outputs in selftest.npz: the onnxruntime
+    int8 variants and optimised graph, then NNCF's int8 IRs (accuracy control against the held-out `inputs`)."""
+    from toolkit.export.openvino import AccuracyControl
+
+    built = build_candidates(bundle, crops, config.recipes, echo)
+    update_selftest(bundle, {name: _ort_cpu(bundle.path(name)) for name in built})
+    control = AccuracyControl(inputs.crops, inputs.labels, config.max_accuracy_drop)
+    update_selftest(bundle, {selftest_key(ir, "openvino"): open_openvino(bundle.path(ir), SessionSettings(engine="openvino")).run
+                             for ir in build_nncf_irs(bundle, crops, control, echo)})
+
+
+Passing = list[tuple[Any, dict[int, np.ndarray], dict[str, Any]]]  # (runner, batches to time, its row)
+
+
+def verify_candidates(bundle: Bundle, reference: Callable[[], tuple[Any, Any]], holdout: Holdout, threads: int,
+                      config: OptimizeConfig, echo) -> tuple[list[dict[str, Any]], Passing, dict[str, np.ndarray]]:
+    """Every candidate's row; the passing ones with the batches to time them on; and what each passing
+    OpenVINO candidate computes on the self-test images (its self-test expectation, should it be chosen)."""
+    from toolkit.evaluation.runners import Failed, Skipped, each_loaded
+
+    spec = bundle.manifest.preprocess
     rng = np.random.default_rng(config.seed)
     batches = {b: rng.integers(0, 256, (b, spec.crop_size, spec.crop_size, 3), dtype=np.uint8) for b in config.batch_sizes}
-    selftest_outputs: dict[str, np.ndarray] = {}  # what a service's self-test compares against, per OpenVINO candidate
-    for entry in each_loaded(candidates(bundle, lambda: (model, spec), threads)):
+    rows: list[dict[str, Any]] = []
+    passing: Passing = []
+    selftest_outputs: dict[str, np.ndarray] = {}
+    for entry in each_loaded(candidates(bundle, reference, threads)):
         row: dict[str, Any] = {"runtime": entry.runtime, "artifact": entry.artifact, "precision": entry.precision}
         if isinstance(entry, Skipped):
             rows.append({**row, "status": "skipped", "reason": entry.reason})
@@ -294,33 +336,47 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
             rows.append({**row, "status": "failed verification", "failed_metrics": ["load"], "reason": entry.reason})
             echo(f"{entry.runtime:<14} {entry.artifact:<36} FAILED: {entry.reason}")
             continue
-        row["settings"] = settings(entry)
-        if hasattr(entry, "settings"):
-            row["session"] = entry.settings.to_dict()
-        row["threads"] = threads
-        out = run_batched(entry, holdout.crops)
-        m = compare(out, reference, holdout.names, holdout.labels, entry.precision, gates)
-        drop_points = -100 * m["accuracy_change"]  # the gate is on the point estimate; the interval is reported
-        failed = list(m["failed_metrics"]) + (["max_accuracy_drop"] if drop_points > config.max_accuracy_drop + 1e-9 else [])
-        interval, pairs = accuracy_pairs(out, reference, holdout.labels, gates.confidence, config.max_accuracy_drop / 100)
-        row.update(accuracy=m["accuracy"], reference_accuracy=m["reference_accuracy"],
-                   accuracy_change_points=100 * m["accuracy_change"], accuracy_interval_points=[100 * v for v in interval],
-                   accuracy_pairs=pairs, top1_agreement=m["top1_agreement"],
-                   top1_agreement_where_clear=m["top1_agreement_where_clear"], near_ties=m["near_ties"],
-                   max_abs_diff=m["max_abs_diff"], failed_metrics=failed, passed=not failed)
-        if failed:
-            rows.append({**row, "status": "failed verification"})
-            echo(f"{entry.runtime:<14} {entry.artifact:<36} {row['settings']:<30} FAILED ({', '.join(failed)})")
-            continue
-        row = {**row, "status": "passed"}
+        row = verified_row(entry, row, holdout, threads, config, echo)
         rows.append(row)
-        passing.append((entry, batches, row))  # timed below, all together, in interleaved rounds
-        if entry.runtime.startswith("openvino"):
-            selftest_outputs[f"{entry.runtime}:{entry.artifact}"] = entry(_selftest_images(bundle))
-        echo(f"{entry.runtime:<14} {entry.artifact:<36} {row['settings']:<30} verified: "
-             f"accuracy {100 * m['accuracy']:.2f}% ({change_words(row['accuracy_change_points'], row['accuracy_interval_points'], pairs)}; "
-             f"near-ties {near_tie_words(row['near_ties'])})")
-    # Time every verified candidate in shuffled rounds, so a slowdown of the host hits all alike.
+        if row["status"] == "passed":
+            passing.append((entry, batches, row))  # timed later, all together, in interleaved rounds
+            if entry.runtime.startswith("openvino"):
+                selftest_outputs[selftest_key(entry.artifact, entry.runtime)] = entry(_selftest_images(bundle))
+    return rows, passing, selftest_outputs
+
+
+def verified_row(entry, row: dict[str, Any], holdout: Holdout, threads: int, config: OptimizeConfig, echo) -> dict[str, Any]:
+    """`row` with the loaded candidate's settings and its verification against the eager model: status
+    "passed" or "failed verification" (any gate, or more than --max-accuracy-drop points lost)."""
+    inputs, gates = holdout.inputs, config.gates
+    row["settings"] = settings(entry)
+    if hasattr(entry, "settings"):
+        row["session"] = entry.settings.to_dict()
+    row["threads"] = threads
+    out = run_batched(entry, inputs.crops)
+    m = compare(out, holdout.reference, inputs.names, inputs.labels, entry.precision, gates)
+    drop_points = -100 * m["accuracy_change"]  # the gate is on the point estimate; the interval is reported
+    failed = list(m["failed_metrics"]) + (["max_accuracy_drop"] if drop_points > config.max_accuracy_drop + 1e-9 else [])
+    interval, pairs = accuracy_pairs(out, holdout.reference, inputs.labels, gates.confidence, config.max_accuracy_drop / 100)
+    row.update(accuracy=m["accuracy"], reference_accuracy=m["reference_accuracy"],
+               accuracy_change_points=100 * m["accuracy_change"], accuracy_interval_points=[100 * v for v in interval],
+               accuracy_pairs=pairs, top1_agreement=m["top1_agreement"],
+               top1_agreement_where_clear=m["top1_agreement_where_clear"], near_ties=m["near_ties"],
+               max_abs_diff=m["max_abs_diff"], failed_metrics=failed, passed=not failed)
+    if failed:
+        echo(f"{entry.runtime:<14} {entry.artifact:<36} {row['settings']:<30} FAILED ({', '.join(failed)})")
+        return {**row, "status": "failed verification"}
+    echo(f"{entry.runtime:<14} {entry.artifact:<36} {row['settings']:<30} verified: "
+         f"accuracy {100 * m['accuracy']:.2f}% ({change_words(row['accuracy_change_points'], row['accuracy_interval_points'], pairs)}; "
+         f"near-ties {near_tie_words(row['near_ties'])})")
+    return {**row, "status": "passed"}
+
+
+def time_candidates(passing: Passing, config: OptimizeConfig, echo) -> None:
+    """Time every verified candidate in shuffled rounds, so a slowdown of the host hits all alike; each row
+    gets its statistics per batch size (`b1`, `b8`, ...)."""
+    from toolkit.evaluation.benchmark import STAT_KEYS, BenchConfig, interleaved
+
     timing = BenchConfig(batch_sizes=config.batch_sizes, warmup=config.warmup, iterations=config.iterations,
                          min_seconds=config.min_seconds, rounds=config.rounds, seed=config.seed)
     records = iter(interleaved(passing, timing, None))
@@ -331,10 +387,20 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
     for _, _, row in passing:
         echo(f"{row['runtime']:<14} {row['artifact']:<36} {row['settings']:<30} "
              + "  ".join(f"b{b} p50 {row[f'b{b}']['p50_ms']:.2f} ms" for b in config.batch_sizes))
-    baselines = {"eager": ("eager", "checkpoint", None), "onnxruntime_default": ("ort-cpu", "model.onnx", "graph all"),
-                 "openvino_default": ("openvino", "model.onnx", "precision f32")}
-    for b in config.batch_sizes:
-        for name, (runtime_name, artifact, setting) in baselines.items():
+
+
+# name -> (runtime, artifact, words its settings contain): what each timed row is compared against
+BASELINES = {"eager": ("eager", "checkpoint", None), "onnxruntime_default": ("ort-cpu", "model.onnx", "graph all"),
+             "openvino_default": ("openvino", "model.onnx", "precision f32")}
+
+
+def add_speedups(rows: list[dict[str, Any]], batch_sizes: tuple[int, ...]) -> None:
+    """speedup_vs_NAME of each timed row against each baseline that passed; against eager, also how much the
+    ratio moved from round to round."""
+    from toolkit.evaluation.benchmark import round_ratios
+
+    for b in batch_sizes:
+        for name, (runtime_name, artifact, setting) in BASELINES.items():
             base = next((r for r in rows if r["status"] == "passed" and r["runtime"] == runtime_name
                          and r["artifact"] == artifact and (setting is None or setting in r.get("settings", ""))), None)
             if base is None:
@@ -342,39 +408,38 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
             for row in rows:
                 if f"b{b}" in row:
                     row[f"b{b}"][f"speedup_vs_{name}"] = base[f"b{b}"]["p50_ms"] / row[f"b{b}"]["p50_ms"]
-                    if name == "eager":  # how much the ratio moved from round to round
+                    if name == "eager":
                         row[f"b{b}"].update(round_ratios(base[f"b{b}"], row[f"b{b}"]))
-    first = config.batch_sizes[0]
-    ranked = sorted((r for r in rows if r["status"] == "passed"), key=lambda r: r[f"b{first}"]["p50_ms"])
-    if not ranked:
-        raise RtkError("no candidate passed verification: nothing to recommend")
-    best = ranked[0]
-    cpu = cpu_info().to_dict()
-    recommended = {"runtime": best["runtime"], "artifact": best["artifact"], "precision": best["precision"],
-                   "device": "cpu", "threads": threads, "settings": best["settings"], "session": best.get("session"),
-                   "cpu": cpu,  # what it was chosen for: another CPU should run optimize again
-                   "speedup_vs_onnxruntime_default": best[f"b{first}"].get("speedup_vs_onnxruntime_default"),
-                   "speedup_vs_openvino_default": best[f"b{first}"].get("speedup_vs_openvino_default"), "batch_size": first,
-                   "p50_ms": best[f"b{first}"]["p50_ms"], "speedup_vs_eager": best[f"b{first}"].get("speedup_vs_eager"),
-                   "speedup_vs_eager_spread": best[f"b{first}"].get("speedup_spread"),
-                   "accuracy_change_points": best["accuracy_change_points"],
-                   "accuracy_interval_points": best["accuracy_interval_points"]}
+
+
+def recommendation(best: dict[str, Any], threads: int, cpu: dict[str, Any], batch_size: int) -> Recommendation:
+    """The fastest passing row as the manifest's recommendation, its figures at `batch_size`."""
+    stats = best[f"b{batch_size}"]
+    return Recommendation(
+        runtime=best["runtime"], artifact=best["artifact"], precision=best["precision"], device="cpu", threads=threads,
+        settings=best["settings"], session=best.get("session"),
+        cpu=cpu,  # what it was chosen for: another CPU should run optimize again
+        speedup_vs_onnxruntime_default=stats.get("speedup_vs_onnxruntime_default"),
+        speedup_vs_openvino_default=stats.get("speedup_vs_openvino_default"), batch_size=batch_size,
+        p50_ms=stats["p50_ms"], speedup_vs_eager=stats.get("speedup_vs_eager"),
+        speedup_vs_eager_spread=stats.get("speedup_spread"), accuracy_change_points=best["accuracy_change_points"],
+        accuracy_interval_points=tuple(best["accuracy_interval_points"]))
+
+
+def _report(bundle: Bundle, config: OptimizeConfig, holdout: Holdout, calibration_images: int, calib_dir: Path,
+            threads: int, cpu: dict[str, Any], rows: list[dict[str, Any]], ranked: list[dict[str, Any]],
+            recommended: Recommendation) -> dict[str, Any]:
     from toolkit.core.versions import library_versions
 
-    report = {"arch": bundle.manifest.arch, "image_size": spec.crop_size,
-              "versions": {**library_versions(), "openvino": version_of("openvino")},
-              "holdout": str(holdout_dir), "holdout_images": len(holdout.crops), "calibration": str(calib_dir),
-              "calibration_images": len(crops), "max_accuracy_drop_points": config.max_accuracy_drop,
-              "decisive_margin": gates.decisive_margin, "confidence": gates.confidence,
-              "batch_sizes": list(config.batch_sizes), "threads": threads, "cpu": cpu,
-              "rounds": config.rounds,
-              "ranking": [f"{r['runtime']}:{r['artifact']}:{r['settings']}" for r in ranked],
-              "candidates": rows, "recommended": recommended}
-    key = f"{best['runtime']}:{best['artifact']}"
-    if key in selftest_outputs:
-        update_selftest(bundle, {key: lambda images: selftest_outputs[key]})
-    bundle.update(optimization=report, recommended=recommended)
-    return report
+    return {"arch": bundle.manifest.arch, "image_size": bundle.manifest.preprocess.crop_size,
+            "versions": {**library_versions(), "openvino": version_of("openvino")},
+            "holdout": str(holdout.folder), "holdout_images": len(holdout.inputs.crops), "calibration": str(calib_dir),
+            "calibration_images": calibration_images, "max_accuracy_drop_points": config.max_accuracy_drop,
+            "decisive_margin": config.gates.decisive_margin, "confidence": config.gates.confidence,
+            "batch_sizes": list(config.batch_sizes), "threads": threads, "cpu": cpu,
+            "rounds": config.rounds,
+            "ranking": [f"{r['runtime']}:{r['artifact']}:{r['settings']}" for r in ranked],
+            "candidates": rows, "recommended": recommended.to_dict()}
 
 
 def _selftest_images(bundle: Bundle) -> np.ndarray:
@@ -435,16 +500,7 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
                   "pass" if r["status"] == "passed" else (f"FAIL: {', '.join(r['failed_metrics'])}"
                                                            if r["status"] == "failed verification" else f"skipped: {r['reason']}")]
         body.append(cells)
-    rec = report["recommended"]
-    spread = f" (spread {100 * rec['speedup_vs_eager_spread']:.1f}% over rounds)" if rec.get("speedup_vs_eager_spread") else ""
-    against = [f"{rec[key]:.2f}x {name}{spread if key == 'speedup_vs_eager' else ''}" for key, name in (
-        ("speedup_vs_eager", "eager fp32"), ("speedup_vs_onnxruntime_default", "onnxruntime's default (model.onnx, graph all)"),
-        ("speedup_vs_openvino_default", "OpenVINO's default (model.onnx, f32)")) if rec.get(key)]
-    interval = (" ({:g}% CI {:+.2f} to {:+.2f})".format(100 * report.get("confidence", 0.95), *rec["accuracy_interval_points"])
-                if rec.get("accuracy_interval_points") else "")
-    footer = (f"recommended: {rec['runtime']} on {rec['artifact']} ({rec['settings']}): p50 {rec['p50_ms']:.2f} ms at batch "
-              f"{rec['batch_size']}, {', '.join(against) or 'no baseline measured'}, accuracy change "
-              f"{rec['accuracy_change_points']:+.2f} pt{interval}; timed in {report.get('rounds', 1)} interleaved rounds")
+    footer = _footer(report)
     rule = (f"Gates: top-1 as the reference on every image where it is decisive (top two logits {report.get('decisive_margin', 0.05):g} x "
             f"the largest |logit| apart; the near-ties are counted, flipped -> to right / to wrong, not gated); accuracy change "
             f"(paired) >= -{report['max_accuracy_drop_points']} pt on the point estimate; CI: exact "
@@ -462,3 +518,19 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
         lines = title + [rule, "", render(head, body, "markdown")]
         return "\n".join(lines) + f"\n\n**{footer}**"
     return render(head, body) + "\n" + footer + "\n" + rule
+
+
+def _footer(report: dict[str, Any]) -> str:
+    """The recommendation in one line: where it runs, its p50, its speedups over the baselines, its accuracy change."""
+    rec = Recommendation.from_dict(report["recommended"], "the optimize report's 'recommended'")
+    spread = f" (spread {100 * rec.speedup_vs_eager_spread:.1f}% over rounds)" if rec.speedup_vs_eager_spread else ""
+    against = [f"{value:.2f}x {name}{spread if key == 'speedup_vs_eager' else ''}" for key, name in (
+        ("speedup_vs_eager", "eager fp32"), ("speedup_vs_onnxruntime_default", "onnxruntime's default (model.onnx, graph all)"),
+        ("speedup_vs_openvino_default", "OpenVINO's default (model.onnx, f32)")) if (value := getattr(rec, key))]
+    interval = (" ({:g}% CI {:+.2f} to {:+.2f})".format(100 * report.get("confidence", 0.95), *rec.accuracy_interval_points)
+                if rec.accuracy_interval_points else "")
+    p50 = f"{rec.p50_ms:.2f} ms" if rec.p50_ms is not None else "not timed"
+    change = f"{rec.accuracy_change_points:+.2f} pt" if rec.accuracy_change_points is not None else "not measured"
+    return (f"recommended: {rec.runtime} on {rec.artifact} ({rec.settings}): p50 {p50} at batch {rec.batch_size}, "
+            f"{', '.join(against) or 'no baseline measured'}, accuracy change {change}{interval}; "
+            f"timed in {report.get('rounds', 1)} interleaved rounds")

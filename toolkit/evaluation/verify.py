@@ -6,6 +6,7 @@ ToDtype, Normalize). Every runtime gets the same uint8 crops, so differences mea
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.core.bundle import Bundle, takes_any_size
+from toolkit.core.formats import of_format
 from toolkit.core.preprocess import PreprocessSpec, list_images, open_image
 from toolkit.errors import ArtifactBroken, CheckFailed, RtkError, first_line
 from toolkit.evaluation.runners.torch_runner import keeps_torch_threads
@@ -319,24 +321,35 @@ def run_batched(runner, crops: np.ndarray) -> np.ndarray:
     return np.concatenate([runner(crops[i : i + BATCH]) for i in range(0, len(crops), BATCH)])
 
 
+def _onnx_classes(path: Path) -> str | None:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}.get("classes")
+
+
+def _ir_classes(path: Path) -> str | None:
+    from toolkit.core.openvino_ir import metadata
+
+    return metadata(path).get("classes")
+
+
+def _archive_classes(path: Path) -> str | None:
+    from toolkit.export.loaders import archive_extra
+
+    return archive_extra(path, "classes.txt")
+
+
+# core.formats' metadata keys -> how that metadata's stored class names are read (the raw JSON text)
+CLASS_READERS: dict[str, Callable[[Path], str | None]] = {
+    "onnx": _onnx_classes, "openvino": _ir_classes, "torch-archive": _archive_classes}
+
+
 def file_classes(path: Path, fmt: str) -> list[str] | None:
     """The class names stored inside a model file's metadata, read without running anything from it:
     ONNX metadata without its external data, an IR's runtime info, a torch archive's extra/classes.txt
-    straight from the zip (no torch.jit.load / torch.export.load a second time). Unparsable names are
-    ArtifactBroken."""
-    if fmt == "onnx":
-        import onnx
-
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        raw = props.get("classes")
-    elif fmt == "openvino":
-        from toolkit.core.openvino_ir import metadata
-
-        raw = metadata(path).get("classes")
-    else:
-        from toolkit.export.loaders import archive_extra
-
-        raw = archive_extra(path, "classes.txt")
+    straight from the zip (no torch.jit.load / torch.export.load a second time). Unparsable names, and a
+    format rtk does not know, are ArtifactBroken."""
+    raw = CLASS_READERS[of_format(fmt, path.name).metadata](path)
     if not raw:
         return None
     try:
@@ -360,6 +373,133 @@ def failure_record(entry, images: int, gates: Gates) -> Record:
                   tolerance={}, passed=False, failed_metrics=["load"], details={"error": entry.reason})
 
 
+@dataclass(frozen=True)
+class References:
+    """The eager model's logits the artifacts are compared with, and the in-graph preprocessing's error."""
+
+    crops: np.ndarray  # on the torchvision crops
+    any_size: np.ndarray | None  # for the files that resize inside the graph; None when the bundle has none
+    preprocess_diff: float
+
+
+def refuse_unknown_formats(bundle: Bundle) -> None:
+    """A file of a format rtk does not know is a broken bundle: one clear error, not a file left unverified."""
+    for name, entry in bundle.files.items():
+        of_format(entry.format, f"{name} in {bundle.root}")
+
+
+def _open(bundle_path: str | Path, trust: list[str | Path] | None, store: bool) -> tuple[Bundle, bool, Any]:
+    """The bundle to verify, whether its report is stored, and (with `trust`) the private copy of its signed
+    files, which the caller keeps until verify returns: it runs these copies. Nothing is stored then."""
+    trusted = None
+    if trust:
+        from toolkit.serving.signing import trusted_copy
+
+        trusted = trusted_copy(bundle_path, trust)
+        bundle_path, store = trusted.root, False
+    bundle = Bundle.open(bundle_path)
+    refuse_unknown_formats(bundle)
+    if store:
+        bundle.check_writable()
+    return bundle, store, trusted
+
+
+def _references(model, spec: PreprocessSpec, inputs: Inputs, random_images: int, bundle: Bundle) -> References:
+    ref = reference_logits(model, spec, inputs.crops)
+    ref_any = None
+    if any(takes_any_size(e) for e in bundle.files.values()):
+        # file rows: the same torchvision crops; random rows: torchvision's crops of the random-size noise
+        files = len(inputs.crops) - random_images
+        noise = [torchvision_crop(o, spec) for o in inputs.originals[files:]]
+        ref_any = np.concatenate([ref[:files]] + ([reference_logits(model, spec, np.stack(noise))] if noise else []))
+    return References(ref, ref_any, preprocess_difference(spec, inputs.crops))
+
+
+@contextlib.contextmanager
+def _tf32_off():
+    """fp32 parity on both sides: no TF32 matmuls or convolutions while comparing; the caller's flags after."""
+    import torch
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def _stored_classes_check(bundle: Bundle, entry, m: dict[str, Any]) -> None:
+    """A bundle file must carry the bundle's classes in its own metadata: otherwise the record fails."""
+    if entry.artifact not in bundle.files:
+        return
+    try:
+        stored = file_classes(bundle.path(entry.artifact), bundle.files[entry.artifact].format)
+    except RtkError as exc:
+        stored, entry.details["error"] = None, first_line(exc)
+    if stored != bundle.classes:
+        m["failed_metrics"].append("classes")
+        m["passed"] = False
+        entry.details["classes_in_file"] = stored
+
+
+def _record(entry, bundle: Bundle, inputs: Inputs, refs: References, gates: Gates,
+            echo: Callable[[str], None]) -> Record:
+    """Run one loaded runner (or take its load failure) and compare it with the reference."""
+    from toolkit.evaluation.runners import Failed
+
+    if isinstance(entry, Failed):
+        echo(f"FAIL {entry.artifact} on {entry.runtime}: {entry.reason}")
+        return failure_record(entry, len(inputs.crops), gates)
+    any_size = bundle.any_size(entry.artifact)
+    try:
+        out = run_each(entry, inputs.originals) if any_size else run_batched(entry, inputs.crops)
+    except Exception as exc:  # a file that loads but cannot run is as broken as one that does not load
+        reason = f"{entry.artifact}: {entry.runtime} failed to run it: {first_line(exc)}"
+        echo(f"FAIL {reason}")
+        return failure_record(Failed(entry.runtime, entry.artifact, entry.precision, reason), len(inputs.crops), gates)
+    m = compare(out, refs.any_size if any_size else refs.crops, inputs.names, inputs.labels, entry.precision, gates,
+                any_size)
+    if any_size:
+        entry.details["input"] = "original images at their own sizes, one per call"
+    _stored_classes_check(bundle, entry, m)
+    return Record(entry.artifact, entry.runtime, entry.precision, len(out), details=entry.details, **m)
+
+
+def _run_all(entries: list, bundle: Bundle, inputs: Inputs, refs: References, gates: Gates,
+             echo: Callable[[str], None]) -> tuple[list[Record], list[dict[str, Any]]]:
+    """Every runtime in turn (loaded, compared, released): the records, and the runtimes skipped here."""
+    from toolkit.evaluation.runners import Skipped, each_loaded
+
+    records, skipped = [], []
+    for entry in each_loaded(entries):
+        if isinstance(entry, Skipped):
+            skipped.append(asdict(entry))
+        else:
+            records.append(_record(entry, bundle, inputs, refs, gates, echo))
+    return records, skipped
+
+
+def _require_ran(runtimes: list[str] | None, records: list[Record], skipped: list[dict[str, Any]]) -> None:
+    """A runtime the user named that turned out unavailable at load time is an error too."""
+    for name in runtimes or []:
+        if not any(r.runtime == name for r in records) and any(s["runtime"] == name for s in skipped):
+            reason = next(s["reason"] for s in skipped if s["runtime"] == name)
+            raise RtkError(f"runtime {name} is not available here: {reason}")
+
+
+def _report(records: list[Record], skipped: list[dict[str, Any]], refs: References, inputs: Inputs,
+            images: str | Path | None, random_images: int, gates: Gates) -> dict[str, Any]:
+    preprocess_passed = refs.preprocess_diff <= gates.preprocess_atol
+    return {
+        # nothing compared is no evidence: a run where every runtime was skipped does not pass
+        "passed": bool(records) and all(r.passed for r in records) and preprocess_passed,
+        "images": len(inputs.crops), "image_source": str(images) if images else None, "random_images": random_images,
+        "labelled": inputs.labels is not None, "tf32": False,
+        "preprocess_max_abs_diff": refs.preprocess_diff, "preprocess_passed": preprocess_passed,
+        "gates": asdict(gates), "records": [asdict(r) for r in records], "skipped": skipped,
+    }
+
+
 @keeps_torch_threads
 def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, random_images: int = 0,
                   checkpoint: str | Path | None = None, runtimes: list[str] | None = None, gates: Gates = Gates(),
@@ -369,100 +509,30 @@ def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, ran
     """Compare every artifact on every runtime here with the reference; store the report in the manifest.
 
     Runtimes run one at a time (loaded, compared, released). A runtime that cannot exist here is
-    skipped; an artifact that is missing, altered or cannot be loaded fails. With `trust` (public keys),
-    only a bundle one of them signed, run from private copies of its signed files; nothing is stored
-    (the report would change a signed file)."""
+    skipped; an artifact that is missing, altered or cannot be loaded fails; a file of a format rtk does
+    not know is an error. With `trust` (public keys), only a bundle one of them signed, run from private
+    copies of its signed files; nothing is stored (the report would change a signed file)."""
     import torch
 
-    from toolkit.evaluation.runners import (
-        VERIFY_DEFAULT,
-        Failed,
-        RunOptions,
-        Skipped,
-        each_loaded,
-        plan,
-        require_named,
-        runtimes_on,
-    )
+    from toolkit.evaluation.runners import VERIFY_DEFAULT, RunOptions, plan, require_named, runtimes_on
     from toolkit.training.checkpoint import source_from_manifest
 
-    trusted = None
-    if trust:
-        from toolkit.serving.signing import trusted_copy
-
-        trusted = trusted_copy(bundle_path, trust)  # kept until verify returns: it runs these copies
-        bundle_path, store = trusted.root, False
-    bundle = Bundle.open(bundle_path)
-    if store:
-        bundle.check_writable()
+    bundle, store, trusted = _open(bundle_path, trust, store)  # `trusted` kept until verify returns
     spec = bundle.manifest.preprocess
     model, source = source_from_manifest(bundle.manifest, checkpoint)
-    classes = bundle.classes
-    if list(source.classes) != classes and source.kind == "checkpoint":
-        raise CheckFailed(f"the bundle's classes {classes} differ from the checkpoint's {list(source.classes)}")
-    inputs = load_inputs(images, random_images, spec, classes, seed)
+    if list(source.classes) != bundle.classes and source.kind == "checkpoint":
+        raise CheckFailed(f"the bundle's classes {bundle.classes} differ from the checkpoint's {list(source.classes)}")
+    inputs = load_inputs(images, random_images, spec, bundle.classes, seed)
     if threads:
         torch.set_num_threads(threads)
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 parity on both sides
-    try:
-        ref = reference_logits(model, spec, inputs.crops)
-        preprocess_diff = preprocess_difference(spec, inputs.crops)
-        ref_any = None
-        if any(takes_any_size(e) for e in bundle.files.values()):
-            # file rows: the same torchvision crops; random rows: torchvision's crops of the random-size noise
-            files = len(inputs.crops) - random_images
-            noise = [torchvision_crop(o, spec) for o in inputs.originals[files:]]
-            ref_any = np.concatenate([ref[:files]] + ([reference_logits(model, spec, np.stack(noise))] if noise else []))
+    with _tf32_off():
+        refs = _references(model, spec, inputs, random_images, bundle)
         wanted = runtimes or runtimes_on(device, VERIFY_DEFAULT) or list(VERIFY_DEFAULT)
         entries = plan(bundle, wanted, lambda: (model, spec), RunOptions(threads=threads, tf32=False))
         require_named(entries, runtimes)
-        records, skipped = [], []
-        for entry in each_loaded(entries):
-            if isinstance(entry, Skipped):
-                skipped.append(asdict(entry))
-                continue
-            if isinstance(entry, Failed):
-                records.append(failure_record(entry, len(inputs.crops), gates))
-                echo(f"FAIL {entry.artifact} on {entry.runtime}: {entry.reason}")
-                continue
-            any_size = bundle.any_size(entry.artifact)
-            try:
-                out = run_each(entry, inputs.originals) if any_size else run_batched(entry, inputs.crops)
-            except Exception as exc:  # a file that loads but cannot run is as broken as one that does not load
-                reason = f"{entry.artifact}: {entry.runtime} failed to run it: {first_line(exc)}"
-                records.append(failure_record(Failed(entry.runtime, entry.artifact, entry.precision, reason),
-                                              len(inputs.crops), gates))
-                echo(f"FAIL {reason}")
-                continue
-            m = compare(out, ref_any if any_size else ref, inputs.names, inputs.labels, entry.precision, gates, any_size)
-            if any_size:
-                entry.details["input"] = "original images at their own sizes, one per call"
-            if entry.artifact in bundle.files:
-                try:
-                    stored = file_classes(bundle.path(entry.artifact), bundle.files[entry.artifact].format)
-                except RtkError as exc:
-                    stored, entry.details["error"] = None, first_line(exc)
-                if stored != classes:
-                    m["failed_metrics"].append("classes")
-                    m["passed"] = False
-                    entry.details["classes_in_file"] = stored
-            records.append(Record(entry.artifact, entry.runtime, entry.precision, len(out), details=entry.details, **m))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    if runtimes:  # a runtime the user named that turned out unavailable at load time is an error too
-        for name in runtimes:
-            if not any(r.runtime == name for r in records) and any(s["runtime"] == name for s in skipped):
-                reason = next(s["reason"] for s in skipped if s["runtime"] == name)
-                raise RtkError(f"runtime {name} is not available here: {reason}")
-    report = {
-        # nothing compared is no evidence: a run where every runtime was skipped does not pass
-        "passed": bool(records) and all(r.passed for r in records) and preprocess_diff <= gates.preprocess_atol,
-        "images": len(inputs.crops), "image_source": str(images) if images else None, "random_images": random_images,
-        "labelled": inputs.labels is not None, "tf32": False,
-        "preprocess_max_abs_diff": preprocess_diff, "preprocess_passed": preprocess_diff <= gates.preprocess_atol,
-        "gates": asdict(gates), "records": [asdict(r) for r in records], "skipped": skipped,
-    }
+        records, skipped = _run_all(entries, bundle, inputs, refs, gates, echo)
+    _require_ran(runtimes, records, skipped)
+    report = _report(records, skipped, refs, inputs, images, random_images, gates)
     if store:
         bundle.update(verification=report)
     return report

@@ -1,5 +1,8 @@
 """Export stage: TorchScript, torch.export and ONNX (fp32, fp16, int8) bundles with preprocessing in the graph.
 
+Which files a format family has lives in `toolkit.core.formats`; `WRITERS` here maps each row's writer
+key to the function that plans its files (one `Job` each), and the stage writes and checks every job alike.
+
 Every file is written into a staging folder that replaces the bundle folder only once every file
 was written and checked, so a failure never leaves a half-written bundle. Every file goes through a
 Python file object (a full disk is an OSError naming the file, never an abort of the process), and
@@ -8,6 +11,7 @@ the output may not be, hold or lie inside what the export reads (checkpoint, run
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -21,18 +25,7 @@ import numpy as np
 import torch
 
 from toolkit import __version__
-from toolkit.core.bundle import (
-    ANY_SIZE,
-    ANY_SIZE_FILE,
-    FORMATS,
-    INPUT_NAME,
-    LABELS,
-    MANIFEST,
-    OUTPUT_NAMES,
-    PRECISIONS,
-    SELFTEST,
-    file_name,
-)
+from toolkit.core.bundle import ANY_SIZE, INPUT_NAME, LABELS, MANIFEST, OUTPUT_NAMES, SELFTEST, selftest_key
 from toolkit.core.fileio import (
     check_replaceable,
     check_writable_dir,
@@ -45,7 +38,18 @@ from toolkit.core.fileio import (
     write_text,
     writer_file,
 )
+from toolkit.core.formats import (
+    ANY_SIZE_FILE,
+    FORMATS,
+    PRECISIONS,
+    ROWS,
+    ArtifactFormat,
+    file_name,
+    of_format,
+    row,
+)
 from toolkit.core.hardware import cpu_info
+from toolkit.core.openvino_ir import entry_extra
 from toolkit.core.versions import library_versions
 from toolkit.errors import RtkError
 from toolkit.export.graph import AnySizeClassifier, ImageClassifier
@@ -86,8 +90,10 @@ class ExportConfig:
                 raise RtkError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
         if set(self.precisions) - {"fp32"} and "onnx" not in self.formats:
             raise RtkError("fp16 and int8 are ONNX files: add --format onnx")
-        if "openvino" in self.formats and "onnx" not in self.formats:
-            raise RtkError("--format openvino converts the ONNX file: add --format onnx")
+        for f in self.formats:
+            needs = row(f).needs
+            if needs and needs not in self.formats:
+                raise RtkError(f"--format {f} converts the {row(needs).title} file: add --format {needs}")
         if self.exporter not in EXPORTERS:
             raise RtkError(f"unknown exporter {self.exporter!r}; choose from {', '.join(EXPORTERS)}")
         top = onnx.defs.onnx_opset_version()
@@ -197,28 +203,43 @@ def check_onnx(path: Path) -> dict[str, Any]:
     return {"inputs": contract(inferred.graph.input), "outputs": contract(inferred.graph.output)}
 
 
-def reload_runner(path: Path, fmt: str):
-    """A function running the written file as a fresh reader would: onnxruntime, OpenVINO, torch.jit or torch.export."""
-    if fmt == "onnx":
-        from toolkit.serving.sessions import SessionSettings, open_onnxruntime
+def _onnxruntime_runner(path: Path):
+    from toolkit.serving.sessions import SessionSettings, open_onnxruntime
 
-        session = open_onnxruntime(path, SessionSettings()).session
-        return lambda x: session.run(None, {INPUT_NAME: x.numpy()})
-    if fmt == "openvino":
-        from toolkit.serving.sessions import SessionSettings, open_openvino
+    session = open_onnxruntime(path, SessionSettings()).session
+    return lambda x: session.run(None, {INPUT_NAME: x.numpy()})
 
-        compiled = open_openvino(path, SessionSettings(engine="openvino")).compiled
-        return lambda x: [np.asarray(v) for v in compiled(x.numpy()).values()]
-    from toolkit.export.loaders import load_pt2, load_torchscript
 
-    module = load_torchscript(path) if fmt == "torchscript" else load_pt2(path)
+def _openvino_runner(path: Path):
+    from toolkit.serving.sessions import SessionSettings, open_openvino
 
+    compiled = open_openvino(path, SessionSettings(engine="openvino")).compiled
+    return lambda x: [np.asarray(v) for v in compiled(x.numpy()).values()]
+
+
+def _torch_runner(module):
     def run(x):
         with torch.inference_mode():
             out = module(x)
         return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
     return run
+
+
+# the engines a serving session opens (core.formats rows without a torch loader), by the row's engine
+SESSION_RUNNERS: dict[str, Callable[[Path], Callable]] = {"onnxruntime": _onnxruntime_runner,
+                                                          "openvino": _openvino_runner}
+
+
+def reload_runner(path: Path, fmt: str):
+    """A function running the written file as a fresh reader would: its format's serving session
+    (onnxruntime, OpenVINO) or its torch loader (torch.jit, torch.export)."""
+    family = of_format(fmt, path.name)
+    if family.loader is None:
+        return SESSION_RUNNERS[family.engine](path)
+    from toolkit.export import loaders
+
+    return _torch_runner(getattr(loaders, family.loader)(path))
 
 
 def write_any_size(module: AnySizeClassifier, path: Path, config: ExportConfig, meta: dict[str, str]) -> None:
@@ -285,6 +306,172 @@ def _prepare_output(output: Path, force: bool) -> None:
     check_writable_dir(output.parent if output.exists() else output)
 
 
+@dataclass(frozen=True)
+class ExportInputs:
+    """What every writer reads, loaded once before the first file is written."""
+
+    config: ExportConfig
+    source: ModelSource
+    model: Any  # the eager torchvision model
+    module: ImageClassifier  # the model with the preprocessing in front: what the crop-size files hold
+    example: torch.Tensor  # the uint8 example batch the graphs are traced or exported from
+    crops: np.ndarray | None  # the calibration crops (int8 files, the self-test images)
+    echo: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One file a writer plans: how to write it, what wrote it, and its checks beyond the batch check."""
+
+    name: str
+    family: ArtifactFormat
+    precision: str
+    write: Callable[[Path, dict[str, str]], None]  # (path in the staging folder, metadata to store inside)
+    exporter: str  # the manifest entry's "exporter"
+    contract: Callable[[Path], dict[str, Any]] | None = None  # reads the I/O contract; None: the declared one
+    extra: Callable[[Path], dict[str, Any]] | None = None  # more checks; returns more manifest fields
+    opset: int | None = None  # ONNX files only
+
+
+# ---------------------------------------------------------------- the writers, by core.formats writer key
+
+
+def _beside(path: Path, fmt: str) -> Path:
+    """The standard fp32 file of `fmt` in the same (staging) folder: what a derived file is made from."""
+    return path.with_name(file_name(fmt))
+
+
+def _onnx_jobs(inputs: ExportInputs, family: ArtifactFormat) -> list[Job]:
+    """model.onnx, and the fp16 and int8 files made from it when those precisions are asked for."""
+    config = inputs.config
+    job = functools.partial(Job, family=family, contract=check_onnx, opset=config.opset)
+    jobs = [job(file_name(family.format), precision="fp32", exporter=config.exporter,
+                write=lambda p, m: write_onnx(inputs.module, inputs.example, p, config, m))]
+    if "fp16" in config.precisions:
+        jobs.append(job(file_name(family.format, "fp16"), precision="fp16", exporter=f"{config.exporter} + onnxruntime float16",
+                        write=lambda p, m: write_fp16(_beside(p, family.format), p, m)))
+    if "int8" in config.precisions:
+        cpu = cpu_info()
+        recipe = int8_recipe_for(cpu)
+        # which setting, and for which instruction set it was chosen
+        chosen = {"quantization": asdict(recipe),
+                  "quantized_for": {"cpu": cpu.name, "vnni": cpu.vnni, "avx512": cpu.avx512, "amx": cpu.amx}}
+        jobs.append(job(file_name(family.format, "int8"), precision="int8",
+                        exporter=f"{config.exporter} + onnxruntime quantize_static ({recipe.label})",
+                        write=lambda p, m: write_int8(_beside(p, family.format), p, inputs.crops, m, recipe),
+                        extra=lambda p: chosen))
+    return jobs
+
+
+def _any_size_jobs(inputs: ExportInputs, family: ArtifactFormat) -> list[Job]:
+    """model.any-size.onnx (unless --no-any-size), checked on image sizes the export never saw."""
+    config = inputs.config
+    if not config.any_size:
+        return []
+    if config.exporter != "dynamo":
+        inputs.echo(f"{ANY_SIZE_FILE} not written: the legacy exporter bakes the example's image size into the resize")
+        return []
+    module = AnySizeClassifier(inputs.model, inputs.source.preprocess, softmax=config.softmax).eval()
+
+    def checked(path: Path) -> dict[str, Any]:
+        check_any_size(path, module)
+        return {"input": ANY_SIZE}
+
+    return [Job(ANY_SIZE_FILE, family, "fp32", lambda p, m: write_any_size(module, p, config, m), config.exporter,
+                contract=check_onnx, extra=checked, opset=config.opset)]
+
+
+def _openvino_jobs(inputs: ExportInputs, family: ArtifactFormat) -> list[Job]:
+    """The OpenVINO IR converted from model.onnx, and NNCF's int8 IR with --precision int8 (when NNCF works)."""
+    from toolkit.export import openvino
+
+    def convert(write: Callable[..., Any], *args: Any) -> Callable[[Path, dict[str, str]], None]:
+        return lambda p, m: _openvino(write, _beside(p, family.needs), p, *args, m)
+
+    jobs = [Job(file_name(family.format), family, "fp32", convert(openvino.write_fp32), "OpenVINO read_model",
+                extra=entry_extra)]
+    if "int8" in inputs.config.precisions:
+        if openvino.nncf_problem():
+            inputs.echo(f"{file_name(family.format, 'int8')} not written: {openvino.nncf_problem()}")
+        else:
+            jobs.append(Job(file_name(family.format, "int8"), family, "int8", convert(openvino.write_nncf_int8, inputs.crops),
+                            "OpenVINO read_model + NNCF quantize", extra=entry_extra))
+    return jobs
+
+
+def _archive_jobs(write: Callable[..., None], exporter: str) -> Callable[[ExportInputs, ArtifactFormat], list[Job]]:
+    """A torch archive (TorchScript, torch.export): one fp32 file from the module and the example batch."""
+    def jobs(inputs: ExportInputs, family: ArtifactFormat) -> list[Job]:
+        return [Job(file_name(family.format), family, "fp32", lambda p, m: write(inputs.module, inputs.example, p, m),
+                    exporter)]
+    return jobs
+
+
+WRITERS: dict[str, Callable[[ExportInputs, ArtifactFormat], list[Job]]] = {
+    "onnx": _onnx_jobs,
+    "any-size": _any_size_jobs,
+    "openvino": _openvino_jobs,
+    "torchscript": _archive_jobs(write_torchscript, "torch.jit.trace"),
+    "pt2": _archive_jobs(write_pt2, "torch.export"),
+}
+
+
+# ---------------------------------------------------------------- the stage, step by step
+
+
+def _load(config: ExportConfig, checkpoint: str | Path | None, arch: str | None, weights: str | None,
+          num_classes: int | None, image_size: int | None, echo: Callable[[str], None]) -> ExportInputs:
+    model, source = load_source(checkpoint, arch, weights, num_classes, image_size)
+    spec = source.preprocess
+    crops = (calibration_crops(config.calibration_data, config.calibration_size, spec, config.seed)
+             if config.calibration_data else None)
+    module = ImageClassifier(model, spec, softmax=config.softmax).eval()
+    return ExportInputs(config, source, model, module, _example(spec, config.example_batch, config.seed), crops, echo)
+
+
+def _jobs(inputs: ExportInputs) -> list[Job]:
+    """Every file of every format family the export writes, in the table's order."""
+    return [job for family in ROWS if family.written_with(inputs.config.formats)
+            for job in WRITERS[family.writer](inputs, family)]
+
+
+def _declared_contract(inputs: ExportInputs) -> dict[str, Any]:
+    """The I/O contract of a file whose graph is not read back (torch archives, IRs): what the module has."""
+    spec, classes = inputs.source.preprocess, inputs.source.classes
+    return {"inputs": [{"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", spec.crop_size, spec.crop_size, 3]}],
+            "outputs": [{"name": n, "dtype": "float32", "shape": ["batch", len(classes)]}
+                        for n in OUTPUT_NAMES[: 2 if inputs.config.softmax else 1]]}
+
+
+def _write_checked(inputs: ExportInputs, job: Job, staging: Path, output: Path) -> dict[str, Any]:
+    """Write one file into the staging folder, reload it and run its checks; return its manifest entry."""
+    config, path = inputs.config, staging / job.name
+    start = time.perf_counter()
+    with naming(output / job.name), torch.inference_mode(False), torch.no_grad():
+        job.write(path, metadata(inputs.source, job.precision, config.softmax))
+    seconds = time.perf_counter() - start
+    contract = job.contract(path) if job.contract else _declared_contract(inputs)
+    check_dynamic_batch(path, job.family.format, inputs.source.preprocess, len(inputs.source.classes), config.softmax)
+    extra = job.extra(path) if job.extra else {}
+    entry = {"format": job.family.format, "precision": job.precision, "sha256": sha256_file(path),
+             "bytes": path.stat().st_size, **contract, **extra, "opset": job.opset, "exporter": job.exporter,
+             "seconds": round(seconds, 3)}
+    inputs.echo(f"wrote {job.name} ({entry['bytes'] / 1e6:.1f} MB, {seconds:.1f}s); batches {CHECK_BATCHES} ran")
+    return entry
+
+
+def _manifest(inputs: ExportInputs, files: dict[str, Any], selftest: dict[str, Any]) -> dict[str, Any]:
+    source, config, crops = inputs.source, inputs.config, inputs.crops
+    return {
+        "format": "rtk-bundle", "version": 1, "toolkit_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "arch": source.arch, "classes": list(source.classes), "preprocess": source.preprocess.to_dict(),
+        "source": source.to_dict(), "softmax": config.softmax, "files": files,
+        "selftest": selftest, "versions": library_versions(),
+        "calibration": {"folder": str(config.calibration_data), "images": int(len(crops))} if crops is not None else None,
+    }
+
+
 def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Path | None = None, arch: str | None = None,
                   weights: str | None = None, num_classes: int | None = None, image_size: int | None = None,
                   echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -292,88 +479,17 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
     output = Path(output)
     refuse_overlap(output, _sources(checkpoint, arch, weights, config.calibration_data), "rtk export")
     _prepare_output(output, config.force)
-    model, source = load_source(checkpoint, arch, weights, num_classes, image_size)
-    spec = source.preprocess
-    crops = (calibration_crops(config.calibration_data, config.calibration_size, spec, config.seed)
-             if config.calibration_data else None)
-    module = ImageClassifier(model, spec, softmax=config.softmax).eval()
-    example = _example(spec, config.example_batch, config.seed)
+    inputs = _load(config, checkpoint, arch, weights, num_classes, image_size, echo)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    files: dict[str, Any] = {}
     try:
-        jobs: list[tuple[str, str, str, Callable[[Path, dict[str, str]], None]]] = []
-        if "onnx" in config.formats:
-            jobs.append((file_name("onnx"), "onnx", "fp32", lambda p, m: write_onnx(module, example, p, config, m)))
-            onnx_fp32 = staging / file_name("onnx")
-            if "fp16" in config.precisions:
-                jobs.append((file_name("onnx", "fp16"), "onnx", "fp16", lambda p, m: write_fp16(onnx_fp32, p, m)))
-            if "int8" in config.precisions:
-                recipe = int8_recipe_for(cpu_info())
-                jobs.append((file_name("onnx", "int8"), "onnx", "int8", lambda p, m: write_int8(onnx_fp32, p, crops, m, recipe)))
-            if config.any_size and config.exporter == "dynamo":
-                any_size = AnySizeClassifier(model, spec, softmax=config.softmax).eval()
-                jobs.append((ANY_SIZE_FILE, "onnx", "fp32", lambda p, m: write_any_size(any_size, p, config, m)))
-            elif config.any_size:
-                echo(f"{ANY_SIZE_FILE} not written: the legacy exporter bakes the example's image size into the resize")
-        if "openvino" in config.formats:
-            from toolkit.core import openvino_ir
-            from toolkit.export import openvino
-
-            jobs.append((openvino_ir.IR_FP32, "openvino", "fp32", lambda p, m: _openvino(openvino.write_fp32, onnx_fp32, p, m)))
-            if "int8" in config.precisions:
-                if openvino.nncf_problem():
-                    echo(f"{openvino_ir.IR_INT8} not written: {openvino.nncf_problem()}")
-                else:
-                    jobs.append((openvino_ir.IR_INT8, "openvino", "int8",
-                                 lambda p, m: _openvino(openvino.write_int8, onnx_fp32, p, crops, m)))
-        if "torchscript" in config.formats:
-            jobs.append((file_name("torchscript"), "torchscript", "fp32", lambda p, m: write_torchscript(module, example, p, m)))
-        if "pt2" in config.formats:
-            jobs.append((file_name("pt2"), "pt2", "fp32", lambda p, m: write_pt2(module, example, p, m)))
-        for name, fmt, precision, write in jobs:
-            path = staging / name
-            start = time.perf_counter()
-            with naming(output / name), torch.inference_mode(False), torch.no_grad():
-                write(path, metadata(source, precision, config.softmax))
-            seconds = time.perf_counter() - start
-            contract = check_onnx(path) if fmt == "onnx" else {
-                "inputs": [{"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", spec.crop_size, spec.crop_size, 3]}],
-                "outputs": [{"name": n, "dtype": "float32", "shape": ["batch", len(source.classes)]}
-                            for n in OUTPUT_NAMES[: 2 if config.softmax else 1]]}
-            check_dynamic_batch(path, fmt, spec, len(source.classes), config.softmax)
-            if name == ANY_SIZE_FILE:
-                check_any_size(path, any_size)
-                contract["input"] = ANY_SIZE
-            if fmt == "openvino":
-                from toolkit.core.openvino_ir import entry_extra
-
-                contract.update(entry_extra(path))
-            if precision == "int8" and fmt == "onnx":  # which setting, and for which instruction set it was chosen
-                cpu = cpu_info()
-                contract["quantization"] = asdict(int8_recipe_for(cpu))
-                contract["quantized_for"] = {"cpu": cpu.name, "vnni": cpu.vnni, "avx512": cpu.avx512, "amx": cpu.amx}
-            files[name] = {
-                "format": fmt, "precision": precision, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                **contract, "opset": config.opset if fmt == "onnx" else None,
-                "exporter": (config.exporter if precision == "fp32" else f"{config.exporter} + onnxruntime "
-                             + ("float16" if precision == "fp16" else f"quantize_static ({int8_recipe_for(cpu_info()).label})"))
-                if fmt == "onnx" else {"torchscript": "torch.jit.trace", "pt2": "torch.export",
-                                       "openvino": "OpenVINO read_model" + (" + NNCF quantize" if precision == "int8" else "")}[fmt],
-                "seconds": round(seconds, 3),
-            }
-            echo(f"wrote {name} ({files[name]['bytes'] / 1e6:.1f} MB, {seconds:.1f}s); batches {CHECK_BATCHES} ran")
+        files = {}
+        for job in _jobs(inputs):
+            files[job.name] = _write_checked(inputs, job, staging, output)
         with naming(output / SELFTEST):
-            selftest = _selftest(module, staging, files, spec, crops, config.seed)
-        write_text(staging / LABELS, "\n".join(source.classes) + "\n")
-        manifest = {
-            "format": "rtk-bundle", "version": 1, "toolkit_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "arch": source.arch, "classes": list(source.classes), "preprocess": spec.to_dict(),
-            "source": source.to_dict(), "softmax": config.softmax, "files": files,
-            "selftest": selftest, "versions": library_versions(),
-            "calibration": {"folder": str(config.calibration_data), "images": int(len(crops))} if crops is not None else None,
-        }
+            selftest = _selftest(inputs.module, staging, files, inputs.source.preprocess, inputs.crops, config.seed)
+        write_text(staging / LABELS, "\n".join(inputs.source.classes) + "\n")
+        manifest = _manifest(inputs, files, selftest)
         write_json(staging / MANIFEST, manifest)
         install_folder(staging, output, config.force, "rtk export")
     finally:
@@ -397,9 +513,8 @@ def _selftest(module: ImageClassifier, folder: Path, files: dict[str, Any], spec
         out = module(torch.from_numpy(images))
         arrays["eager"] = (out[0] if isinstance(out, tuple) else out).numpy()
     for name, entry in files.items():
-        if entry["format"] == "onnx":
-            arrays[name] = reload_runner(folder / name, "onnx")(torch.from_numpy(images))[0]
-        elif entry["format"] == "openvino":  # the key OpenVINO's serving backend looks up (f32 inference)
-            arrays[f"openvino:{name}"] = reload_runner(folder / name, "openvino")(torch.from_numpy(images))[0]
+        row = of_format(entry["format"], name)
+        if row.selftest:  # under the key the serving backend looks up (f32 inference)
+            arrays[selftest_key(name, row.engine)] = reload_runner(folder / name, entry["format"])(torch.from_numpy(images))[0]
     np.savez_compressed(folder / SELFTEST, **arrays)
     return {"file": SELFTEST, "images": int(len(images)), "from": "calibration images" if crops is not None else "random"}

@@ -59,7 +59,7 @@ def int8_layers(model) -> tuple[int, int]:
     return int8, sum(op.get_type_name() in ("Convolution", "MatMul") for op in ops)
 
 
-def write_int8(onnx_path: Path, xml: Path, crops: np.ndarray, meta: dict[str, str],
+def write_nncf_int8(onnx_path: Path, xml: Path, crops: np.ndarray, meta: dict[str, str],
                control: AccuracyControl | None = None) -> dict[str, Any]:
     """NNCF post-training quantisation (its CPU default: symmetric int8 weights and activations) calibrated on
     `crops`. With `control`, `nncf.quantize_with_accuracy_control` instead: it measures top-1 on the held-out

@@ -36,6 +36,7 @@ from toolkit.core.preprocess import (
 )
 from toolkit.errors import CheckFailed, RtkError, RuntimeUnavailable, first_line
 from toolkit.serving.sessions import (
+    PROVIDERS,
     OpenVinoBackend,
     OrtBackend,
     SessionSettings,
@@ -47,12 +48,7 @@ from toolkit.serving.sessions import (
 if TYPE_CHECKING:
     from toolkit.serving.signing import TrustedCopy
 
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
-DEVICE_OF_PROVIDER = {v: k for k, v in PROVIDER_ALIASES.items()}
+DEVICE_OF_PROVIDER = {v: k for k, v in PROVIDERS.items()}
 # Self-test tolerance on the largest logit's scale: the same file on other hardware (other SIMD
 # kernels, other GPUs) differs by rounding, more for reduced precisions.
 SELFTEST_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 2e-2, "int8": 5e-2}
@@ -79,7 +75,7 @@ class Prediction:
 
 def device_for(providers: Sequence[str] | None) -> str:
     """The session device for provider names (aliases cpu/cuda/tensorrt allowed): one device per session."""
-    names = [PROVIDER_ALIASES.get(p.lower(), p) for p in (providers or ["cpu"])]
+    names = [PROVIDERS.get(p.lower(), p) for p in (providers or ["cpu"])]
     unknown = [p for p in names if p not in DEVICE_OF_PROVIDER]
     if unknown:
         raise RtkError(f"unknown provider {unknown[0]!r}; choose from cpu, cuda, tensorrt")
@@ -326,25 +322,21 @@ def serving_choice(path: Path, device: str, threads: int | None = None,
     on an engine that is asked for or installed. Anything else serves model.onnx with the defaults
     verify checks (TF32 off), so CUDA never gets a CPU-only file (int8, the CPU-optimised graph).
     """
-    bundle = None
+    bundle, session = None, None  # session: the recommendation's settings, where it is what is served
     if path.is_file():
-        model_path, recommended = path, {}
+        model_path = path
     elif path.is_dir():
         bundle = Bundle.open(path)  # a folder is served only as a bundle: every file it serves is listed
-        recommended = bundle.manifest.recommended or {}
-        artifact = str(recommended.get("artifact", ""))
-        session = recommended.get("session")
-        servable = artifact.endswith(".onnx") or (artifact.endswith(".xml") and isinstance(session, dict)
-                                                 and session.get("engine") == "openvino")
-        fits = servable and recommended.get("device", "cpu") == device and isinstance(session, dict)
-        if not fits or any_size:
-            recommended = {}  # an eager/TorchScript or other-device recommendation: serve model.onnx instead
-        model_path = path / (ANY_SIZE_FILE if any_size else recommended.get("artifact", "model.onnx"))
+        rec = bundle.manifest.recommended
+        # an eager/TorchScript or other-device recommendation is not served: model.onnx is
+        served = rec if rec is not None and rec.servable_on(device) and not any_size else None
+        model_path = path / (ANY_SIZE_FILE if any_size else served.artifact if served else "model.onnx")
+        session = served.session if served else None
         if model_path.name not in bundle.manifest.files:
             raise RtkError(f"{path} has no {model_path.name} in its {MANIFEST}")
     else:
         raise RtkError(f"no such bundle or ONNX file: {path}")
-    settings = SessionSettings.from_dict(recommended["session"]) if recommended else SessionSettings(device=device)
+    settings = SessionSettings.from_dict(session) if session is not None else SessionSettings(device=device)
     if runtime == "openvino" and settings.engine != "openvino":
         if device != "cpu":
             raise RtkError("runtime openvino runs on the CPU only")

@@ -267,15 +267,18 @@ class ModelInfo:
                 "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, s, s, 3]}],
                 "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, len(self.classes)]} for o in self.outputs]}
 
-    def config(self) -> dict[str, Any]:
-        """Triton's model configuration, as its `/config` endpoint answers it."""
+    def config(self, max_queue_delay_ms: float, device: str = "cpu") -> dict[str, Any]:
+        """Triton's model configuration, as its `/config` endpoint answers it: the one `rtk triton` writes
+        (toolkit.serving.triton.model_config), with this server's batching delay and one instance (one
+        inference thread) on `device`. `platform` is what Triton fills in from the backend."""
+        from toolkit.serving.triton import model_config
+
         s = self.crop_size
-        return {"name": self.name, "platform": "onnxruntime_onnx", "backend": "onnxruntime",
-                "max_batch_size": self.max_batch_size,
-                "input": [{"name": "image", "data_type": "TYPE_UINT8", "dims": [s, s, 3]}],
-                "output": [{"name": o, "data_type": "TYPE_FP32", "dims": [len(self.classes)],
-                            **({"label_filename": "labels.txt"} if o == "logits" else {})} for o in self.outputs],
-                "dynamic_batching": {"max_queue_delay_microseconds": 0}, "parameters": {"file": {"string_value": self.file}}}
+        config = model_config(self.name, [("image", "TYPE_UINT8", [s, s, 3])],
+                              [(o, "TYPE_FP32", [len(self.classes)]) for o in self.outputs],
+                              max_batch_size=self.max_batch_size, max_queue_delay_us=round(max_queue_delay_ms * 1000),
+                              device=device, parameters={"file": self.file})
+        return {"name": self.name, "platform": "onnxruntime_onnx", **config}
 
 
 @dataclass(frozen=True)
@@ -515,166 +518,201 @@ class BodyReader:
             raise QueueFull(f"too many request bodies in memory ({self.max_inflight_bytes} bytes, --max-inflight-mb)")
 
 
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Every refusal: one `{"error": ...}` JSON answer."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class Service:
+    """What the handlers of one app share: the classifier, the bounds, the metrics, readiness, the batcher
+    and the parsing pool (both started by the app's lifespan)."""
+
+    def __init__(self, clf: Classifier, config: ServeConfig, info: ModelInfo, self_test: bool) -> None:
+        self.clf, self.config, self.info, self.self_test = clf, config, info, self_test
+        self.metrics = Metrics()
+        self.state = ServerState()
+        self.token = os.environ.get(config.token_env) or None
+        self.metrics_token = _metrics_token(config)
+        self.bodies = BodyReader(config.max_body_bytes, int(config.max_inflight_mb * 2**20), config.body_timeout_s)
+        # what /config answers: built like `rtk triton`'s config.pbtxt, with the delay this server waits
+        self.model_config = info.config(config.max_queue_delay_ms, clf.settings.device)
+        self.batcher: Batcher | None = None
+        self.parse: ThreadPoolExecutor | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app) -> AsyncIterator[None]:
+        config = self.config
+        self.batcher = Batcher(self.clf.logits, config.max_batch_size, config.max_queue_delay_ms / 1e3, config.max_queue,
+                               self.metrics)
+        self.batcher.start()
+        self.parse = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="rtk-parse")
+        if self.self_test:
+            self.state.ready, self.state.reason = await _self_test(self.clf)
+        else:
+            self.state.ready, self.state.reason = True, "ready (self-test skipped)"
+        yield
+        await self.batcher.stop()  # uvicorn has finished the requests in flight; drain what is queued
+        self.parse.shutdown(wait=True)
+
+    def needed_token(self, endpoint: str) -> str | None:
+        """Only liveness is open; `/metrics` has a token of its own."""
+        return None if endpoint == "live" else self.metrics_token if endpoint == "metrics" else self.token
+
+    def check_model(self, name: str, version: str = "1") -> JSONResponse | None:
+        if name != self.info.name:  # the answer does not say what is served: that is for token holders
+            return _error(404, f"unknown model {_short(name)}")
+        if version != "1":
+            return _error(404, f"unknown version {_short(version)} of model {name!r}; this server has version 1")
+        return None
+
+    def offload(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+        """CPU-bound parsing and decoding in the bounded pool, never on the event loop."""
+        return asyncio.get_running_loop().run_in_executor(self.parse, fn, *args)
+
+    async def run_model(self, images: np.ndarray) -> np.ndarray:
+        """Logits for any number of rows, `max_batch_size` rows per model call."""
+        if not self.state.ready or self.batcher is None:
+            raise QueueFull(f"model not ready: {self.state.reason}")
+        step = self.config.max_batch_size
+        parts = [await self.batcher.submit(images[i:i + step]) for i in range(0, len(images), step)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    async def infer(self, request: Request) -> Response:
+        async with self.bodies.read(request) as body:
+            parsed = await self.offload(parse_infer, body, request.headers.get(BINARY_HEADER), self.info,
+                                        max(256, self.config.max_batch_size), self.config.max_json_bytes)
+        logits = await self.run_model(parsed.images)
+        content, headers = infer_response(self.info, parsed, logits)
+        return Response(content, headers=headers)
+
+    async def classify(self, request: Request, top_k: int) -> dict[str, Any]:
+        if top_k < 1:
+            raise BadRequest("top_k must be at least 1")
+        step, clf = self.config.max_batch_size, self.clf
+        async with self.bodies.read(request) as body:
+            sources = await self.offload(encoded_images, request.headers.get("content-type", ""), body,
+                                         self.config.max_images)
+        logits = []
+        for i in range(0, len(sources), step):  # decoded a batch at a time: bounded memory
+            crops = await asyncio.gather(*(self.offload(_decode, clf, data, label) for label, data in sources[i:i + step]))
+            logits.append(await self.run_model(np.stack(crops)))
+        predictions = [{"source": label, "labels": [clf.classes[j] for j in idx], "indices": idx, "scores": scores}
+                       for (label, _), (idx, scores) in zip(sources, clf.top_k(np.concatenate(logits), top_k))]
+        return {"model_name": self.info.name, "predictions": predictions}
+
+
+async def _answered(work: Awaitable[Any]) -> Any:
+    """The handler's answer, or the refusal its exception stands for."""
+    try:
+        return await work
+    except BadRequest as exc:
+        return _error(400, str(exc), {"Connection": "close"} if exc.close else None)
+    except QueueFull as exc:
+        return _error(503, str(exc), {"Retry-After": str(RETRY_AFTER_S)})
+    except ClientGone as exc:
+        LOG.warning("client %s", exc)
+        return _error(400, str(exc))  # nobody reads it; the metrics count it
+
+
+def _guard(service: Service) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
+    """The middleware: bearer token by route, the size a body announces, the request metrics, and the last resort."""
+    max_body = service.config.max_body_bytes
+
+    async def guard(request: Request, call_next) -> Response:
+        start = time.perf_counter()
+        endpoint = _endpoint(request.url.path)
+        needed = service.needed_token(endpoint)
+        length = request.headers.get("content-length")
+        if needed and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                              f"Bearer {needed}".encode()):
+            response = _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        elif length is not None and (not length.isdigit() or int(length) > max_body):
+            response = _error(400, f"request body over the size limit ({max_body} bytes)", {"Connection": "close"})
+        else:
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # a bug of ours, not the client's: one log line and a JSON 500
+                LOG.error("%s %s: unexpected %s", request.method, endpoint, _first_line(exc))
+                response = _error(500, f"internal error ({type(exc).__name__}); see the server log")
+        return _count(service.metrics, endpoint, response, start)
+
+    return guard
+
+
+def _routes(service: Service):
+    """The Open Inference Protocol's routes (and /metrics) on `service`."""
+    from fastapi import APIRouter
+
+    router, state, info, check = APIRouter(), service.state, service.info, service.check_model
+
+    @router.get("/v2")
+    async def server_metadata():
+        return {"name": "rtk", "version": __version__, "extensions": ["binary_tensor_data", "model_configuration"]}
+
+    @router.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @router.get("/v2/health/ready")
+    async def ready():
+        return {"ready": True} if state.ready else _error(503, state.reason)
+
+    @router.get("/v2/models/{name}")
+    @router.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str = "1"):
+        return check(name, version) or info.metadata()
+
+    @router.get("/v2/models/{name}/ready")
+    @router.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str = "1"):
+        return check(name, version) or ({"name": name, "ready": True} if state.ready else _error(503, state.reason))
+
+    @router.get("/v2/models/{name}/config")
+    @router.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str = "1"):
+        return check(name, version) or service.model_config
+
+    @router.post("/v2/models/{name}/infer")
+    @router.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str = "1"):
+        return check(name, version) or await _answered(service.infer(request))
+
+    @router.post("/v2/models/{name}/classify")
+    async def classify(name: str, request: Request, top_k: int = 5):
+        """Encoded images (a raw body, or multipart files) in; top-k labels and scores out."""
+        return check(name) or await _answered(service.classify(request, top_k))
+
+    @router.get("/metrics")
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
 def create_app(clf: Classifier, config: ServeConfig, info: ModelInfo, self_test: bool = True):
     """The FastAPI application serving `clf` under the name in `info`."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    metrics = Metrics()
-    state = ServerState()
-    token = os.environ.get(config.token_env) or None
-    metrics_token = _metrics_token(config)
-    bodies = BodyReader(config.max_body_bytes, int(config.max_inflight_mb * 2**20), config.body_timeout_s)
-    workers: dict[str, Any] = {}
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        batcher = Batcher(clf.logits, config.max_batch_size, config.max_queue_delay_ms / 1e3, config.max_queue, metrics)
-        batcher.start()
-        workers["batcher"] = batcher
-        workers["parse"] = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="rtk-parse")
-        if self_test:
-            state.ready, state.reason = await _self_test(clf)
-        else:
-            state.ready, state.reason = True, "ready (self-test skipped)"
-        yield
-        await batcher.stop()  # uvicorn has finished the requests in flight; drain what is queued
-        workers["parse"].shutdown(wait=True)
-
-    app = FastAPI(title="rtk serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+    service = Service(clf, config, info, self_test)
+    app = FastAPI(title="rtk serve", version=__version__, lifespan=service.lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.state.rtk = state
-    app.state.metrics = metrics
+    app.state.rtk = service.state
+    app.state.metrics = service.metrics
 
-    def error(status: int, message: str, headers: dict[str, str] | None = None):
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
     async def invalid_parameters(request: Request, exc: RequestValidationError):
-        return error(400, _validation_message(exc))
+        return _error(400, _validation_message(exc))
 
-    @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):  # unknown routes and methods: ours, not {"detail"}
-        return error(exc.status_code, str(exc.detail), exc.headers)
+        return _error(exc.status_code, str(exc.detail), exc.headers)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """Bearer token by route, the size a body announces, the request metrics, and the last resort."""
-        start = time.perf_counter()
-        endpoint = _endpoint(request.url.path)
-        needed = None if endpoint == "live" else metrics_token if endpoint == "metrics" else token
-        length = request.headers.get("content-length")
-        if needed and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
-                                              f"Bearer {needed}".encode()):
-            response = error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
-        elif length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-            response = error(400, f"request body over the size limit ({config.max_body_bytes} bytes)",
-                             {"Connection": "close"})
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # a bug of ours, not the client's: one log line and a JSON 500
-                LOG.error("%s %s: unexpected %s", request.method, endpoint, _first_line(exc))
-                response = error(500, f"internal error ({type(exc).__name__}); see the server log")
-        return _count(metrics, endpoint, response, start)
-
-    async def answered(work: Awaitable[Any]) -> Any:
-        """The handler's answer, or the refusal its exception stands for."""
-        try:
-            return await work
-        except BadRequest as exc:
-            return error(400, str(exc), {"Connection": "close"} if exc.close else None)
-        except QueueFull as exc:
-            return error(503, str(exc), {"Retry-After": str(RETRY_AFTER_S)})
-        except ClientGone as exc:
-            LOG.warning("client %s", exc)
-            return error(400, str(exc))  # nobody reads it; the metrics count it
-
-    def offload(fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
-        """CPU-bound parsing and decoding in the bounded pool, never on the event loop."""
-        return asyncio.get_running_loop().run_in_executor(workers["parse"], fn, *args)
-
-    def check_model(name: str, version: str = "1"):
-        if name != info.name:  # the answer does not say what is served: that is for token holders
-            return error(404, f"unknown model {_short(name)}")
-        if version != "1":
-            return error(404, f"unknown version {_short(version)} of model {name!r}; this server has version 1")
-        return None
-
-    async def run_model(images: np.ndarray) -> np.ndarray:
-        """Logits for any number of rows, `max_batch_size` rows per model call."""
-        if not state.ready:
-            raise QueueFull(f"model not ready: {state.reason}")
-        step = config.max_batch_size
-        parts = [await workers["batcher"].submit(images[i:i + step]) for i in range(0, len(images), step)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    async def infer_work(request: Request) -> Response:
-        async with bodies.read(request) as body:
-            parsed = await offload(parse_infer, body, request.headers.get(BINARY_HEADER), info,
-                                   max(256, config.max_batch_size), config.max_json_bytes)
-        logits = await run_model(parsed.images)
-        content, headers = infer_response(info, parsed, logits)
-        return Response(content, headers=headers)
-
-    async def classify_work(request: Request, top_k: int) -> dict[str, Any]:
-        if top_k < 1:
-            raise BadRequest("top_k must be at least 1")
-        async with bodies.read(request) as body:
-            sources = await offload(encoded_images, request.headers.get("content-type", ""), body, config.max_images)
-        logits = []
-        for i in range(0, len(sources), config.max_batch_size):  # decoded a batch at a time: bounded memory
-            crops = await asyncio.gather(*(offload(_decode, clf, data, label)
-                                           for label, data in sources[i:i + config.max_batch_size]))
-            logits.append(await run_model(np.stack(crops)))
-        predictions = [{"source": label, "labels": [clf.classes[j] for j in idx], "indices": idx, "scores": scores}
-                       for (label, _), (idx, scores) in zip(sources, clf.top_k(np.concatenate(logits), top_k))]
-        return {"model_name": info.name, "predictions": predictions}
-
-    @app.get("/v2")
-    async def server_metadata():
-        return {"name": "rtk", "version": __version__, "extensions": ["binary_tensor_data", "model_configuration"]}
-
-    @app.get("/v2/health/live")
-    async def live():
-        return {"live": True}
-
-    @app.get("/v2/health/ready")
-    async def ready():
-        return {"ready": True} if state.ready else error(503, state.reason)
-
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{version}")
-    async def model_metadata(name: str, version: str = "1"):
-        return check_model(name, version) or info.metadata()
-
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_ready(name: str, version: str = "1"):
-        return check_model(name, version) or ({"name": name, "ready": True} if state.ready else error(503, state.reason))
-
-    @app.get("/v2/models/{name}/config")
-    @app.get("/v2/models/{name}/versions/{version}/config")
-    async def model_config(name: str, version: str = "1"):
-        return check_model(name, version) or info.config()
-
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(name: str, request: Request, version: str = "1"):
-        return check_model(name, version) or await answered(infer_work(request))
-
-    @app.post("/v2/models/{name}/classify")
-    async def classify(name: str, request: Request, top_k: int = 5):
-        """Encoded images (a raw body, or multipart files) in; top-k labels and scores out."""
-        return check_model(name) or await answered(classify_work(request, top_k))
-
-    @app.get("/metrics")
-    async def prometheus():
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
+    app.add_exception_handler(RequestValidationError, invalid_parameters)
+    app.add_exception_handler(HTTPException, http_error)
+    app.middleware("http")(_guard(service))
+    app.include_router(_routes(service))
     return app
 
 

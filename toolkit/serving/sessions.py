@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.core.bundle import selftest_key
 from toolkit.core.hardware import cpu_info
 from toolkit.errors import ArtifactBroken, RtkError, RuntimeUnavailable, first_line
 
@@ -298,7 +299,7 @@ class OpenVinoBackend:
         return str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
 
     def selftest_key(self, file: str) -> str:
-        return f"{'openvino-bf16' if self.settings.precision_hint == 'bf16' else 'openvino'}:{file}"
+        return selftest_key(file, "openvino-bf16" if self.settings.precision_hint == "bf16" else "openvino")
 
     def placement_warning(self) -> str | None:
         return None

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from toolkit.core.bundle import LABELS, MANIFEST, Bundle
 from toolkit.core.fileio import check_replaceable, install_folder, naming, refuse_overlap, write_text
@@ -55,22 +56,22 @@ def served_name(bundle: Bundle, device: str) -> str:
     """The ONNX file Triton should serve. CUDA gets model.onnx; the CPU gets `rtk optimize`'s recommended
     ONNX file when there is one, except onnxruntime's hardware-specific optimised graph (another machine
     may load it)."""
-    rec = bundle.manifest.recommended or {}
-    if device == "cpu" and rec.get("device", "cpu") == "cpu" and str(rec.get("artifact", "")).endswith(".onnx"):
-        entry = bundle.manifest.files.get(rec["artifact"])
+    rec = bundle.manifest.recommended
+    if device == "cpu" and rec is not None and rec.device == "cpu" and rec.onnx_file:
+        entry = bundle.manifest.files.get(rec.artifact)
         if entry is not None and not entry.get("hardware_specific"):
-            return rec["artifact"]
+            return rec.artifact
     return "model.onnx"
 
 
 def model_file(bundle: Bundle, device: str) -> tuple[str, bool]:
     """The ONNX file Triton should serve (served_name), checked, and whether OpenVINO was recommended for it."""
-    rec = bundle.manifest.recommended or {}
+    rec = bundle.manifest.recommended
     name = served_name(bundle, device)
     if name not in bundle.files:
         raise RtkError(f"{bundle.root} has no {name}: export with --format onnx first")
     bundle.check_file(name)  # confined to the bundle before it is hashed: no file outside it is read
-    openvino = device == "cpu" and str(rec.get("runtime", "")).startswith("openvino") and rec.get("artifact") == name
+    openvino = device == "cpu" and rec is not None and rec.engine == "openvino" and rec.artifact == name
     return name, openvino
 
 
@@ -89,28 +90,91 @@ def _io(path: Path) -> tuple[list[tuple[str, str, list]], list[tuple[str, str, l
     return describe(session.get_inputs()), describe(session.get_outputs())
 
 
+Tensor = tuple[str, str, list]  # (name, Triton data type, dims without the batch dimension; a str dim is dynamic)
+
+
+def model_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor], *, max_batch_size: int,
+                 max_queue_delay_us: int, preferred_batch_sizes: Sequence[int] = (), device: str = "cpu",
+                 instances: int = 1, parameters: dict[str, str] | None = None,
+                 accelerator: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Triton model configuration in Triton's JSON shape (what its `/config` endpoint answers): what
+    `rtk triton` writes as config.pbtxt (config_text) and what `rtk serve` answers about itself.
+    `accelerator`: the `execution_accelerators` message, e.g. {"cpu_execution_accelerator": [{"name": "openvino"}]}."""
+    def tensors(values: Sequence[Tensor]) -> list[dict[str, Any]]:
+        return [{"name": n, "data_type": t, "dims": [d if isinstance(d, int) else -1 for d in dims],
+                 **({"label_filename": LABELS} if n == "logits" else {})} for n, t, dims in values]
+
+    batching: dict[str, Any] = {"preferred_batch_size": list(preferred_batch_sizes)} if preferred_batch_sizes else {}
+    config: dict[str, Any] = {
+        "name": name, "backend": "onnxruntime", "max_batch_size": max_batch_size,
+        "input": tensors(inputs), "output": tensors(outputs),
+        "dynamic_batching": {**batching, "max_queue_delay_microseconds": max_queue_delay_us},
+        "instance_group": [{"count": instances, "kind": "KIND_GPU" if device != "cpu" else "KIND_CPU"}]}
+    if parameters:
+        config["parameters"] = {key: {"string_value": value} for key, value in parameters.items()}
+    if accelerator:
+        config["optimization"] = {"execution_accelerators": accelerator}
+    return config
+
+
+def triton_model_config(name: str, inputs, outputs, config: TritonConfig, openvino: bool) -> dict[str, Any]:
+    """The model configuration `rtk triton` writes for `config`."""
+    preferred = [b for b in PREFERRED_BATCH_SIZES if b <= config.max_batch_size] or [config.max_batch_size]
+    accelerator = ({"gpu_execution_accelerator": [{"name": "tensorrt", "parameters": {"precision_mode": "FP16"}}]}
+                   if config.tensorrt else {"cpu_execution_accelerator": [{"name": "openvino"}]} if openvino else None)
+    # intra_op_thread_count: the onnxruntime backend's own parameter (its model config, not the server's flags)
+    return model_config(name, inputs, outputs, max_batch_size=config.max_batch_size,
+                        max_queue_delay_us=config.max_queue_delay_us, preferred_batch_sizes=preferred,
+                        device=config.device, instances=config.instances, accelerator=accelerator,
+                        parameters={"intra_op_thread_count": str(config.threads)} if config.threads else None)
+
+
 def config_text(name: str, inputs, outputs, config: TritonConfig, openvino: bool) -> str:
     """config.pbtxt in Triton's text format."""
-    def dims(d):
-        return ", ".join(str(x if isinstance(x, int) else -1) for x in d)
+    return pbtxt(triton_model_config(name, inputs, outputs, config, openvino))
 
-    lines = [f'name: "{name}"', 'backend: "onnxruntime"', f"max_batch_size: {config.max_batch_size}", "input ["]
-    lines += [",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ {dims(d)} ] }}' for n, t, d in inputs), "]", "output ["]
-    lines += [",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ {dims(d)} ]'
-                         + (f' label_filename: "{LABELS}"' if n == "logits" else "") + " }" for n, t, d in outputs), "]"]
-    preferred = [b for b in PREFERRED_BATCH_SIZES if b <= config.max_batch_size] or [config.max_batch_size]
-    lines += ["dynamic_batching {", f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]",
-              f"  max_queue_delay_microseconds: {config.max_queue_delay_us}", "}",
-              "instance_group [", f"  {{ count: {config.instances} kind: {'KIND_GPU' if config.device == 'cuda' else 'KIND_CPU'} }}",
-              "]"]
-    if config.threads:  # the onnxruntime backend's own parameter (its model config, not the server's flags)
-        lines += [f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{config.threads}" }} }}']
-    if config.tensorrt:
-        lines += ["optimization { execution_accelerators {", "  gpu_execution_accelerator: [ {", '    name: "tensorrt"',
-                  '    parameters { key: "precision_mode" value: "FP16" }', "  } ]", "} }"]
-    elif openvino:
-        lines += ["optimization { execution_accelerators {", '  cpu_execution_accelerator: [ { name: "openvino" } ]', "} }"]
+
+ENUM_FIELDS = ("data_type", "kind")  # written bare in the text format: TYPE_FP32, not "TYPE_FP32"
+MAP_FIELDS = ("parameters",)  # protobuf maps: a JSON object, in the text format one { key value } per entry
+
+
+def pbtxt(config: dict[str, Any]) -> str:
+    """A model configuration in Triton's JSON shape as protobuf text: one top-level field a line (a list of
+    messages one element a line), everything nested inline."""
+    lines = []
+    for key, value in config.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            lines += [f"{key} [", ",\n".join(f"  {{ {_fields(v)} }}" for v in value), "]"]
+        elif isinstance(value, dict) and key not in MAP_FIELDS:
+            lines += [f"{key} {{", *(f"  {_field(k, v)}" for k, v in value.items()), "}"]
+        else:
+            lines.append(_field(key, value))
     return "\n".join(lines) + "\n"
+
+
+def _fields(message: dict[str, Any]) -> str:
+    return " ".join(_field(key, value) for key, value in message.items())
+
+
+def _field(key: str, value: Any) -> str:
+    if key in MAP_FIELDS:
+        return " ".join(f"{key} {{ key: {_scalar('', k)} value: "
+                        + (f"{{ {_fields(v)} }}" if isinstance(v, dict) else _scalar("", v)) + " }" for k, v in value.items())
+    if isinstance(value, dict):
+        return f"{key} {{ {_fields(value)} }}"
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return f"{key}: [ " + ", ".join(f"{{ {_fields(v)} }}" for v in value) + " ]"
+    if isinstance(value, list):
+        return f"{key}: [ {', '.join(_scalar(key, v) for v in value)} ]"
+    return f"{key}: {_scalar(key, value)}"
+
+
+def _scalar(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and key not in ENUM_FIELDS:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
 
 
 def validate(text: str, inputs, outputs, max_batch_size: int):

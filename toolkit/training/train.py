@@ -10,7 +10,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from toolkit.training.data import DatasetSplit, ImageDataset, discover
 from toolkit.training.models import HEAD_PREFIX, build, check_arch, load_weights
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BF16_CPU_BAD_GRAD_MAX_SIZE = 16  # images this small get wrong bf16 gradients on the CPU: see resolve_runtime
+BF16_CPU_BAD_GRAD_MAX_SIZE = 16  # images this small get wrong bf16 gradients on the CPU: see resolve_placement
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -92,8 +92,8 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class Runtime:
-    """Where and how training runs, resolved from the config and the machine."""
+class Placement:
+    """Where and how training runs (device, precision, process rank), resolved from the config and the machine."""
 
     device: torch.device
     precision: str
@@ -109,7 +109,7 @@ class Runtime:
         return self.rank == 0
 
 
-def resolve_runtime(config: TrainConfig) -> Runtime:
+def resolve_placement(config: TrainConfig) -> Placement:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise RtkError("--device cuda, but torch.cuda.is_available() is False")
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
@@ -128,7 +128,7 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
     if precision == "bf16" and not use_cuda and bf16_cpu_broken:
         raise RtkError(f"--precision bf16 on the CPU computes wrong gradients for images of {BF16_CPU_BAD_GRAD_MAX_SIZE} px "
                        f"or less (oneDNN); use --precision fp32 or --image-size {BF16_CPU_BAD_GRAD_MAX_SIZE + 1} or more")
-    return Runtime(device=device, precision=precision, rank=rank, world_size=world)
+    return Placement(device=device, precision=precision, rank=rank, world_size=world)
 
 
 def transforms(spec: PreprocessSpec, train: bool, crop_scale: float, hflip: bool) -> T.Compose:
@@ -207,18 +207,18 @@ class Progress:
 
 
 def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, criterion: nn.Module, runtime: Runtime,
+               scaler: torch.amp.GradScaler, criterion: nn.Module, placement: Placement,
                memory_format: torch.memory_format = torch.channels_last) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """One optimisation step under the runtime's autocast; returns (logits, loss, whether the step was applied).
+    """One optimisation step under the placement's autocast; returns (logits, loss, whether the step was applied).
 
     A step whose loss or gradients are not finite is skipped, so one bad batch cannot put NaN into the
     weights. fp16 leaves that to its GradScaler, whose skipped steps while it finds its scale are normal.
     """
-    images = images.to(runtime.device, non_blocking=True).contiguous(memory_format=memory_format)
-    targets = targets.to(runtime.device, non_blocking=True)
+    images = images.to(placement.device, non_blocking=True).contiguous(memory_format=memory_format)
+    targets = targets.to(placement.device, non_blocking=True)
     buffers = [b.detach().clone() for b in model.buffers()]  # BatchNorm statistics: small, and a skip restores them
-    with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
-                        enabled=runtime.autocast_dtype is not None):
+    with torch.autocast(placement.device.type, dtype=placement.autocast_dtype or torch.float32,
+                        enabled=placement.autocast_dtype is not None):
         logits = model(images)
         loss = criterion(logits.float(), targets)
     optimizer.zero_grad(set_to_none=True)
@@ -248,13 +248,13 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> int:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: DataLoader, placement: Placement) -> dict[str, float]:
     """Val loss, top-1 and top-5 in fp32 with the model in eval mode."""
     model.eval()
     loss_sum, top1, top5, n = 0.0, 0, 0, 0
     for images, targets in loader:
-        images = images.to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        targets = targets.to(runtime.device, non_blocking=True)
+        images = images.to(placement.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        targets = targets.to(placement.device, non_blocking=True)
         logits = model(images).float()
         loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
         top1 += topk_correct(logits, targets, 1)
@@ -263,17 +263,17 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime) -> dict[str
     return {"val_loss": loss_sum / n, "val_top1": top1 / n, "val_top5": top5 / n}
 
 
-def _loaders(split: DatasetSplit, config: TrainConfig, runtime: Runtime):
+def _loaders(split: DatasetSplit, config: TrainConfig, placement: Placement):
     spec = config.preprocess()
     train_set = ImageDataset(split.train, transforms(spec, True, config.crop_scale, config.hflip))
     val_set = ImageDataset(split.val, transforms(spec, False, config.crop_scale, config.hflip))
     workers = config.workers if config.workers is not None else min(4, max(0, usable_cpus() // 2 - 1))
-    sampler = (DistributedSampler(train_set, num_replicas=runtime.world_size, rank=runtime.rank, seed=config.seed)
-               if runtime.world_size > 1 else None)
+    sampler = (DistributedSampler(train_set, num_replicas=placement.world_size, rank=placement.rank, seed=config.seed)
+               if placement.world_size > 1 else None)
     generator = torch.Generator()
-    common = {"num_workers": workers, "pin_memory": runtime.device.type == "cuda", "persistent_workers": workers > 0}
+    common = {"num_workers": workers, "pin_memory": placement.device.type == "cuda", "persistent_workers": workers > 0}
     train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
-                              drop_last=len(train_set) > config.batch_size * runtime.world_size,
+                              drop_last=len(train_set) > config.batch_size * placement.world_size,
                               generator=generator, **common)
     val_loader = DataLoader(val_set, batch_size=max(config.batch_size, 64), shuffle=False, **common)
     return train_loader, val_loader, generator, sampler
@@ -287,6 +287,32 @@ def _history_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+@dataclass
+class _Run:
+    """What one training run works on: built once by `_prepare`, then advanced epoch by epoch."""
+
+    config: TrainConfig
+    placement: Placement
+    split: DatasetSplit
+    classes: list[str]
+    loaded: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    loaders: tuple[DataLoader, DataLoader, torch.Generator, DistributedSampler | None]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"val_top1": -1.0})
+    start_epoch: int = 0
+    train_seconds: float = 0.0
+    images_seen: int = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loaders[0])
+
+
 def train(data: str | Path, output: str | Path, config: TrainConfig, resume: str | Path | None = None,
           echo: Callable[[str], None] = print, progress: bool = True, extend_to: int | None = None) -> dict[str, Any]:
     """Fine-tune, writing checkpoint.pt (best val top-1), last.pt, history.csv and metrics.json to `output`.
@@ -297,16 +323,37 @@ def train(data: str | Path, output: str | Path, config: TrainConfig, resume: str
     """
     output = Path(output)
     check_writable_dir(output)
-    state: dict[str, Any] | None = None
-    if resume is not None:
-        state = load_checkpoint(resume)
-        if "training_state" not in state:
-            raise RtkError(f"{resume} has no training state: resume from last.pt")
-        saved = TrainConfig(**state["train_config"])
-        if extend_to is not None and extend_to < state["epoch"]:
-            raise RtkError(f"{resume} has already trained {state['epoch']} epochs; --epochs {extend_to} would undo them")
-        config = replace(saved, epochs=extend_to or saved.epochs)
-    runtime = resolve_runtime(config)
+    state = _resume_state(resume, extend_to) if resume is not None else None
+    if state is not None:
+        config = replace(TrainConfig(**state["train_config"]), epochs=extend_to or state["train_config"]["epochs"])
+    run = _prepare(data, config, state, resume)
+    if run.placement.is_main:
+        _announce(run, output, echo)
+    wrapped, wrapped_frozen = run.model, None
+    for epoch in range(run.start_epoch, config.epochs):
+        frozen = config.backbone_frozen(epoch)
+        if frozen != wrapped_frozen:
+            wrapped, wrapped_frozen = _wrap(run, frozen), frozen
+        row, improved = _train_epoch(run, wrapped, epoch, frozen, progress)
+        if run.placement.is_main:
+            _report_epoch(run, row, improved, echo)
+            _write_checkpoints(run, output, epoch, improved)
+    return _finish(run, output)
+
+
+def _resume_state(resume: str | Path, extend_to: int | None) -> dict[str, Any]:
+    """The saved run `resume` continues, checked before anything is built."""
+    state = load_checkpoint(resume)
+    if "training_state" not in state:
+        raise RtkError(f"{resume} has no training state: resume from last.pt")
+    if extend_to is not None and extend_to < state["epoch"]:
+        raise RtkError(f"{resume} has already trained {state['epoch']} epochs; --epochs {extend_to} would undo them")
+    return state
+
+
+def _prepare(data: str | Path, config: TrainConfig, state: dict[str, Any] | None, resume: str | Path | None) -> _Run:
+    """Data, model, optimiser, schedule and loaders on their device; a resumed run's state restored."""
+    placement = resolve_placement(config)
     split = discover(data, config.val_split, config.seed, config.strict)
     classes = list(split.classes)
     if state is not None and state["classes"] != classes:
@@ -316,121 +363,143 @@ def train(data: str | Path, output: str | Path, config: TrainConfig, resume: str
     loaded = "resumed from " + str(resume) if state else load_weights(model, config.arch, config.weights, config.reset_head)
     if state is not None:
         model.load_state_dict(state["state_dict"])
-
-    if runtime.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo")
-    if runtime.device.type == "cuda":
-        torch.cuda.set_device(runtime.device)
+    if placement.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if placement.device.type == "cuda" else "gloo")
+    if placement.device.type == "cuda":
+        torch.cuda.set_device(placement.device)
         torch.backends.cudnn.benchmark = True
-    model = model.to(runtime.device, memory_format=torch.channels_last)
+    model = model.to(placement.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
-    train_loader, val_loader, generator, sampler = _loaders(split, config, runtime)
-    steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    loaders = _loaders(split, config, placement)
+    total_steps = len(loaders[0]) * config.epochs
+    warmup_steps = int(round(config.warmup_epochs * len(loaders[0])))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
+    scaler = torch.amp.GradScaler(placement.device.type, enabled=placement.precision == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"val_top1": -1.0}
-    start_epoch, train_seconds, images_seen = 0, 0.0, 0
+    run = _Run(config, placement, split, classes, loaded, model, optimizer, scheduler, scaler, criterion, loaders)
     if state is not None:
-        ts = state["training_state"]
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        scaler.load_state_dict(ts["scaler"])
-        torch.set_rng_state(ts["torch_rng"])
-        random.setstate(ts["python_rng"])
-        history, best = list(ts["history"]), dict(ts["best"])
-        start_epoch, train_seconds, images_seen = state["epoch"], ts["train_seconds"], ts["images_seen"]
-    if runtime.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        echo(f"training {config.arch} on {len(split.train)} images ({len(classes)} classes), validating on "
-             f"{len(split.val)}; weights: {loaded}; {runtime.device} {runtime.precision}"
-             + (f", {runtime.world_size} processes" if runtime.world_size > 1 else ""))
-        for reason in split.skipped:
-            echo(f"warning: skipped undecodable image {reason}")
+        _restore(run, state)
+    return run
 
-    wrapped, wrapped_frozen = model, None
-    for epoch in range(start_epoch, config.epochs):
-        frozen = config.backbone_frozen(epoch)
-        if frozen != wrapped_frozen:
-            set_backbone_frozen(model, frozen)
-            # DDP only syncs parameters that required grad when it was built: rebuild on (un)freeze.
-            wrapped = (nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-                       if runtime.world_size > 1 else model)
-            wrapped_frozen = frozen
-        # Seed from (seed, epoch) so a resumed run draws exactly what an uninterrupted one would.
-        torch.manual_seed(config.seed * 1000 + epoch)
-        random.seed(config.seed * 1000 + epoch)
-        generator.manual_seed(config.seed * 1000 + epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        set_train_mode(model, frozen)
-        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", progress and runtime.is_main)
-        loss_sum, correct, counted, seen, skipped = 0.0, 0, 0, 0, 0
-        start = time.perf_counter()
-        for step, (images, targets) in enumerate(train_loader):
-            logits, loss, applied = train_step(wrapped, images, targets, optimizer, scaler, criterion, runtime)
-            scheduler.step()
-            seen += len(targets)
-            if applied:  # the loss and accuracy of the steps that went into the weights
-                loss_sum += float(loss.detach()) * len(targets)
-                correct += topk_correct(logits.detach(), targets, 1)
-                counted += len(targets)
-            else:
-                skipped += 1
-            elapsed = time.perf_counter() - start
-            bar.update(step + 1, f"loss {loss_sum / max(counted, 1):.4f} acc {correct / max(counted, 1):.3f} "
-                                 f"{seen * runtime.world_size / elapsed:.1f} img/s")
-        if skipped == steps_per_epoch:
-            raise RtkError(f"training diverged: every step of epoch {epoch + 1} had a non-finite loss or gradients; "
-                           "lower --lr or use --precision fp32")
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize(runtime.device)
-        seconds = time.perf_counter() - start
-        bar.close()
-        train_seconds += seconds
-        images_seen += seen * runtime.world_size
-        metrics = evaluate(model, val_loader, runtime)
-        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[-1], "train_loss": loss_sum / counted,
-               "train_top1": correct / counted, **metrics, "images_per_second": seen * runtime.world_size / seconds,
-               "seconds": seconds, "backbone_frozen": frozen, "skipped_steps": skipped}
-        history.append(row)
-        improved = metrics["val_top1"] > best["val_top1"]
-        if improved:
-            best = {"val_top1": metrics["val_top1"], "val_top5": metrics["val_top5"], "epoch": epoch + 1}
-        if runtime.is_main:
-            echo(f"epoch {epoch + 1}/{config.epochs}  train loss {row['train_loss']:.4f}  val loss {metrics['val_loss']:.4f}  "
-                 f"val top-1 {metrics['val_top1']:.4f}  top-5 {metrics['val_top5']:.4f}  "
-                 f"{row['images_per_second']:.1f} img/s  {seconds:.1f}s" + ("  *best" if improved else "")
-                 + (f"  (skipped {skipped} of {steps_per_epoch} steps: non-finite loss or gradients)" if skipped else ""))
-            summary = {"best_val_top1": best["val_top1"], "best_val_top5": best["val_top5"], "best_epoch": best["epoch"]}
-            common = {"train_config": asdict(config), "metrics": summary, "epoch": epoch + 1}
-            if improved:
-                save_checkpoint(make_checkpoint(model, config.arch, classes, config.preprocess(), **common),
-                                output / "checkpoint.pt")
-            training_state = {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "history": history,
-                "best": best, "train_seconds": train_seconds, "images_seen": images_seen,
-            }
-            save_checkpoint(make_checkpoint(model, config.arch, classes, config.preprocess(), **common,
-                                            training_state=training_state), output / "last.pt")
-            write_text(output / "history.csv", _history_csv(history))
+
+def _restore(run: _Run, state: dict[str, Any]) -> None:
+    ts = state["training_state"]
+    run.optimizer.load_state_dict(ts["optimizer"])
+    run.scheduler.load_state_dict(ts["scheduler"])
+    run.scaler.load_state_dict(ts["scaler"])
+    torch.set_rng_state(ts["torch_rng"])
+    random.setstate(ts["python_rng"])
+    run.history, run.best = list(ts["history"]), dict(ts["best"])
+    run.start_epoch, run.train_seconds, run.images_seen = state["epoch"], ts["train_seconds"], ts["images_seen"]
+
+
+def _announce(run: _Run, output: Path, echo: Callable[[str], None]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    p = run.placement
+    echo(f"training {run.config.arch} on {len(run.split.train)} images ({len(run.classes)} classes), validating on "
+         f"{len(run.split.val)}; weights: {run.loaded}; {p.device} {p.precision}"
+         + (f", {p.world_size} processes" if p.world_size > 1 else ""))
+    for reason in run.split.skipped:
+        echo(f"warning: skipped undecodable image {reason}")
+
+
+def _wrap(run: _Run, frozen: bool) -> nn.Module:
+    """The model as the step sees it: DDP only syncs parameters that required grad when it was built, so it
+    is rebuilt on every (un)freeze."""
+    set_backbone_frozen(run.model, frozen)
+    p = run.placement
+    if p.world_size == 1:
+        return run.model
+    return nn.parallel.DistributedDataParallel(run.model, device_ids=[p.device.index] if p.device.type == "cuda" else None)
+
+
+def _train_epoch(run: _Run, wrapped: nn.Module, epoch: int, frozen: bool, progress: bool) -> tuple[dict[str, Any], bool]:
+    """One epoch of steps, then validation: the epoch's history row, and whether it is the best so far."""
+    config, p = run.config, run.placement
+    train_loader, val_loader, generator, sampler = run.loaders
+    # Seed from (seed, epoch) so a resumed run draws exactly what an uninterrupted one would.
+    torch.manual_seed(config.seed * 1000 + epoch)
+    random.seed(config.seed * 1000 + epoch)
+    generator.manual_seed(config.seed * 1000 + epoch)
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    set_train_mode(run.model, frozen)
+    bar = Progress(run.steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", progress and p.is_main)
+    loss_sum, correct, counted, seen, skipped = 0.0, 0, 0, 0, 0
+    start = time.perf_counter()
+    for step, (images, targets) in enumerate(train_loader):
+        logits, loss, applied = train_step(wrapped, images, targets, run.optimizer, run.scaler, run.criterion, p)
+        run.scheduler.step()
+        seen += len(targets)
+        if applied:  # the loss and accuracy of the steps that went into the weights
+            loss_sum += float(loss.detach()) * len(targets)
+            correct += topk_correct(logits.detach(), targets, 1)
+            counted += len(targets)
+        else:
+            skipped += 1
+        elapsed = time.perf_counter() - start
+        bar.update(step + 1, f"loss {loss_sum / max(counted, 1):.4f} acc {correct / max(counted, 1):.3f} "
+                             f"{seen * p.world_size / elapsed:.1f} img/s")
+    if skipped == run.steps_per_epoch:
+        raise RtkError(f"training diverged: every step of epoch {epoch + 1} had a non-finite loss or gradients; "
+                       "lower --lr or use --precision fp32")
+    if p.device.type == "cuda":
+        torch.cuda.synchronize(p.device)
+    seconds = time.perf_counter() - start
+    bar.close()
+    run.train_seconds += seconds
+    run.images_seen += seen * p.world_size
+    metrics = evaluate(run.model, val_loader, p)
+    row = {"epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[-1], "train_loss": loss_sum / counted,
+           "train_top1": correct / counted, **metrics, "images_per_second": seen * p.world_size / seconds,
+           "seconds": seconds, "backbone_frozen": frozen, "skipped_steps": skipped}
+    run.history.append(row)
+    improved = metrics["val_top1"] > run.best["val_top1"]
+    if improved:
+        run.best = {"val_top1": metrics["val_top1"], "val_top5": metrics["val_top5"], "epoch": epoch + 1}
+    return row, improved
+
+
+def _report_epoch(run: _Run, row: dict[str, Any], improved: bool, echo: Callable[[str], None]) -> None:
+    skipped, steps = row["skipped_steps"], run.steps_per_epoch
+    echo(f"epoch {row['epoch']}/{run.config.epochs}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+         f"val top-1 {row['val_top1']:.4f}  top-5 {row['val_top5']:.4f}  "
+         f"{row['images_per_second']:.1f} img/s  {row['seconds']:.1f}s" + ("  *best" if improved else "")
+         + (f"  (skipped {skipped} of {steps} steps: non-finite loss or gradients)" if skipped else ""))
+
+
+def _write_checkpoints(run: _Run, output: Path, epoch: int, improved: bool) -> None:
+    """checkpoint.pt when the epoch is the best so far; last.pt (with what resuming needs) and history.csv always."""
+    config, best = run.config, run.best
+    summary = {"best_val_top1": best["val_top1"], "best_val_top5": best["val_top5"], "best_epoch": best["epoch"]}
+    common = {"train_config": asdict(config), "metrics": summary, "epoch": epoch + 1}
+    if improved:
+        save_checkpoint(make_checkpoint(run.model, config.arch, run.classes, config.preprocess(), **common),
+                        output / "checkpoint.pt")
+    training_state = {
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        "history": run.history, "best": best, "train_seconds": run.train_seconds, "images_seen": run.images_seen,
+    }
+    save_checkpoint(make_checkpoint(run.model, config.arch, run.classes, config.preprocess(), **common,
+                                    training_state=training_state), output / "last.pt")
+    write_text(output / "history.csv", _history_csv(run.history))
+
+
+def _finish(run: _Run, output: Path) -> dict[str, Any]:
+    """The run's summary (metrics.json on the main process); a distributed run's processes leave together."""
+    best, p = run.best, run.placement
     result = {
         "best_val_top1": best["val_top1"], "best_val_top5": best["val_top5"], "best_epoch": best["epoch"],
-        "epochs": config.epochs, "train_seconds": round(train_seconds, 3),
-        "images_per_second": images_seen / train_seconds if train_seconds else 0.0,
-        "final_val_top1": history[-1]["val_top1"], "precision": runtime.precision, "device": str(runtime.device),
-        "world_size": runtime.world_size, "arch": config.arch, "classes": classes,
+        "epochs": run.config.epochs, "train_seconds": round(run.train_seconds, 3),
+        "images_per_second": run.images_seen / run.train_seconds if run.train_seconds else 0.0,
+        "final_val_top1": run.history[-1]["val_top1"], "precision": p.precision, "device": str(p.device),
+        "world_size": p.world_size, "arch": run.config.arch, "classes": run.classes,
     }
-    if runtime.world_size > 1 and dist.is_initialized():
+    if p.world_size > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    if not runtime.is_main:
-        return {**result, "rank": runtime.rank}
+    if not p.is_main:
+        return {**result, "rank": p.rank}
     write_json(output / "metrics.json", result)
     return result
-
-

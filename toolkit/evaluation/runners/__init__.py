@@ -9,7 +9,7 @@ A runtime that cannot exist here is `Skipped` with its reason; a broken artifact
 """
 
 from toolkit.errors import RuntimeUnavailable
-from toolkit.evaluation.runners.base import Entry, Failed, Runner, RunOptions, Skipped, check_batch
+from toolkit.evaluation.runners.base import Failed, Planned, Runner, RunOptions, Skipped, check_batch
 from toolkit.evaluation.runners.loop import MemoryScope, each_loaded
 from toolkit.evaluation.runners.registry import (
     REGISTRY,
@@ -23,6 +23,6 @@ from toolkit.evaluation.runners.registry import (
     with_options,
 )
 
-__all__ = ["REGISTRY", "RUNTIMES", "VERIFY_DEFAULT", "Entry", "Failed", "MemoryScope", "RunOptions", "Runner",
+__all__ = ["REGISTRY", "RUNTIMES", "VERIFY_DEFAULT", "Planned", "Failed", "MemoryScope", "RunOptions", "Runner",
            "RuntimeSpec", "RuntimeUnavailable", "Skipped", "check_batch", "each_loaded", "plan",
            "require_named", "runtime", "runtimes_on", "with_options"]

@@ -77,7 +77,8 @@ class Runner:
         return f"{self.runtime}:{self.artifact}"
 
 
-Entry = Runner | Skipped | Failed
+# what `plan` hands the stage loop for one (runtime, artifact): a runner to load, or why there is none
+Planned = Runner | Skipped | Failed
 
 
 def check_batch(images: np.ndarray) -> None:

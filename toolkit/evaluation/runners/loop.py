@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from toolkit.errors import ArtifactBroken, RuntimeUnavailable, first_line
-from toolkit.evaluation.runners.base import Entry, Failed, Runner, Skipped
+from toolkit.evaluation.runners.base import Failed, Planned, Runner, Skipped
 
 
 def _status_kb(field: str) -> int | None:
@@ -68,7 +68,7 @@ def _return_freed_memory() -> None:
         pass
 
 
-def each_loaded(entries: list[Entry]) -> Iterator[Runner | Skipped | Failed]:
+def each_loaded(entries: list[Planned]) -> Iterator[Runner | Skipped | Failed]:
     """Yield each entry with its runner loaded; an unavailable runtime comes back Skipped, an artifact
     that cannot be loaded Failed. A runner is released (and memory collected) before the next loads."""
     for entry in entries:

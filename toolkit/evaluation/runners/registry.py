@@ -1,7 +1,9 @@
 """The runtime registry: one row per runtime. Adding a runtime is one row here plus one backend file.
 
 A row says the runtime's device, which bundle files it runs, the precision it runs them at, how to
-build its runner, why it cannot exist here, and whether `rtk verify` runs it by default.
+build its runner, why it cannot exist here, and whether `rtk verify` runs it by default. Which engine
+runs a bundle file comes from its format's row in `toolkit.core.formats`: a torch archive format runs
+on the `torch_file_runtimes` of its engine, loaded by the row's loader.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.core.bundle import Bundle, takes_any_size
+from toolkit.core.formats import BY_FORMAT
+from toolkit.core.formats import ROWS as FORMAT_ROWS
 from toolkit.core.hardware import cpu_info
 from toolkit.core.manifest import FileEntry
 from toolkit.errors import RtkError
-from toolkit.evaluation.runners.base import Entry, Failed, Runner, RunOptions, Skipped
+from toolkit.evaluation.runners.base import Failed, Planned, Runner, RunOptions, Skipped
 from toolkit.serving.sessions import SessionSettings, openvino_problem, provider_problem
 
 # (bundle file name, its manifest entry) -> does this runtime run it
@@ -27,7 +31,7 @@ Reference = Callable[[], tuple[Any, Any]]  # () -> (eager model, PreprocessSpec)
 class RuntimeSpec:
     name: str
     device: str  # cpu | cuda
-    family: str  # eager | torchscript | pt2 | onnxruntime | openvino
+    family: str  # eager, or the engine of core.formats: onnxruntime | openvino | torch.jit | torch.export
     describes: str  # what it runs, for messages and docs
     accepts: Accepts | None  # None: runs the checkpoint (eager), not a bundle file
     build: Callable[[RuntimeSpec, str, Path, FileEntry | None, RunOptions, Reference], Runner]
@@ -43,8 +47,10 @@ class RuntimeSpec:
 def _onnx(*precisions: str, plain: bool = False, any_size: bool = True) -> Accepts:
     """ONNX files of these precisions; `plain` leaves out onnxruntime's hardware-specific optimised graph,
     `any_size=False` the file that resizes inside its graph (a fixed-shape engine cannot take it)."""
+    onnxruntime = _engine("onnxruntime")
+
     def accepts(name: str, entry: FileEntry) -> bool:
-        if entry.format != "onnx" or entry.precision not in precisions:
+        if not onnxruntime(name, entry) or entry.precision not in precisions:
             return False
         if not any_size and takes_any_size(entry):
             return False
@@ -55,17 +61,18 @@ def _onnx(*precisions: str, plain: bool = False, any_size: bool = True) -> Accep
 def _openvino_files(*precisions: str, any_size: bool = True) -> Accepts:
     """What OpenVINO compiles: ONNX files of these precisions (not onnxruntime's optimised graph, nor its
     QOperator int8 files, whose QLinearConv OpenVINO's ONNX reader cannot convert) and IRs."""
-    onnx = _onnx(*precisions, plain=True, any_size=any_size)
+    onnx, ir = _onnx(*precisions, plain=True, any_size=any_size), _engine("openvino")
 
     def accepts(name: str, entry: FileEntry) -> bool:
-        if entry.format == "openvino":
+        if ir(name, entry):
             return entry.precision in precisions
         return onnx(name, entry) and (entry.get("quantization") or {}).get("format") != "qoperator"
     return accepts
 
 
-def _format(fmt: str) -> Accepts:
-    return lambda name, entry: entry.format == fmt
+def _engine(engine: str) -> Accepts:
+    """The files whose format (toolkit.core.formats) runs on `engine`; a format rtk does not know runs on none."""
+    return lambda name, entry: entry.format in BY_FORMAT and BY_FORMAT[entry.format].engine == engine
 
 
 # ---------------------------------------------------------------- why a runtime cannot exist here
@@ -96,20 +103,21 @@ def _eager(spec: RuntimeSpec, name, path, entry, options: RunOptions, reference:
                              autocast=autocast, module_factory=lambda: eager_module(*reference()))
 
 
-def _torchscript(spec: RuntimeSpec, name, path, entry, options, reference) -> Runner:
+def _torch_file(spec: RuntimeSpec, name, path, entry, options, reference) -> Runner:
+    """A torch archive, loaded by its format's loader (toolkit.core.formats names it in toolkit.export.loaders)."""
     from toolkit.evaluation.runners.torch_runner import TorchModuleRunner
-    from toolkit.export.loaders import load_torchscript
+    from toolkit.export import loaders
 
+    load = getattr(loaders, BY_FORMAT[entry.format].loader)
     return TorchModuleRunner(spec.name, name, entry.precision, options, device=spec.device,
-                             module_factory=lambda: load_torchscript(path, spec.device))
+                             module_factory=lambda: load(path, spec.device))
 
 
-def _pt2(spec: RuntimeSpec, name, path, entry, options, reference) -> Runner:
-    from toolkit.evaluation.runners.torch_runner import TorchModuleRunner
-    from toolkit.export.loaders import load_pt2
-
-    return TorchModuleRunner(spec.name, name, entry.precision, options, device=spec.device,
-                             module_factory=lambda: load_pt2(path, spec.device))
+def torch_file_runtimes(name: str, engine: str) -> tuple[RuntimeSpec, RuntimeSpec]:
+    """The CPU and CUDA runtimes of a torch archive engine, for every file of its formats."""
+    describes = ", ".join(n for row in FORMAT_ROWS if row.engine == engine for n in row.names)
+    return (RuntimeSpec(name, "cpu", engine, describes, _engine(engine), _torch_file),
+            RuntimeSpec(f"{name}-cuda", "cuda", engine, describes, _engine(engine), _torch_file, unavailable=_cuda))
 
 
 def session_settings(spec: RuntimeSpec, entry: FileEntry, options: RunOptions, bundle_root: Path) -> SessionSettings:
@@ -146,11 +154,8 @@ ROWS = (
     RuntimeSpec("eager-cuda", "cuda", "eager", "checkpoint fp32", None, _eager, unavailable=_cuda),
     RuntimeSpec("eager-fp16", "cuda", "eager", "checkpoint, fp16 autocast, channels_last", None, _eager, "fp16",
                 _cuda),
-    RuntimeSpec("torchscript", "cpu", "torchscript", "model.ts", _format("torchscript"), _torchscript),
-    RuntimeSpec("torchscript-cuda", "cuda", "torchscript", "model.ts", _format("torchscript"), _torchscript,
-                unavailable=_cuda),
-    RuntimeSpec("torch-export", "cpu", "pt2", "model.pt2", _format("pt2"), _pt2),
-    RuntimeSpec("torch-export-cuda", "cuda", "pt2", "model.pt2", _format("pt2"), _pt2, unavailable=_cuda),
+    *torch_file_runtimes("torchscript", "torch.jit"),
+    *torch_file_runtimes("torch-export", "torch.export"),
     RuntimeSpec("ort-cpu", "cpu", "onnxruntime", "every ONNX file", _onnx("fp32", "fp16", "int8"), _ort,
                 unavailable=_provider("CPUExecutionProvider", False), session={"device": "cpu"}),
     RuntimeSpec("ort-cuda", "cuda", "onnxruntime", "fp32 and fp16 ONNX files", _onnx("fp32", "fp16", plain=True), _ort,
@@ -189,12 +194,12 @@ def runtimes_on(device: str | None, among: tuple[str, ...] | list[str] | None = 
     return [r for r in (among or REGISTRY) if runtime(r).device == device]
 
 
-def plan(bundle: Bundle, runtimes: list[str] | None, reference: Reference, options: RunOptions) -> list[Entry]:
+def plan(bundle: Bundle, runtimes: list[str] | None, reference: Reference, options: RunOptions) -> list[Planned]:
     """One entry per (runtime, artifact) asked for: a Runner to load, Skipped (the runtime cannot exist
     here) or Failed (the file is not what the manifest describes). `reference()` gives (model, spec);
     each eager runner copies the model when it loads."""
     rows = [runtime(r) for r in (runtimes or REGISTRY)]
-    entries: list[Entry] = []
+    entries: list[Planned] = []
     for row in rows:
         reason = row.unavailable()
         if row.accepts is None:
@@ -216,7 +221,7 @@ def plan(bundle: Bundle, runtimes: list[str] | None, reference: Reference, optio
     return entries
 
 
-def require_named(entries: list[Entry], named: list[str] | None) -> None:
+def require_named(entries: list[Planned], named: list[str] | None) -> None:
     """A runtime the user named explicitly that cannot run here is an error, not a skip."""
     for name in named or []:
         mine = [e for e in entries if e.runtime == name]
