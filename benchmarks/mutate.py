@@ -52,8 +52,10 @@ VERIFY_UNIT = tuple(f"tests/test_verify.py::{t}" for t in (
     ("tests/test_gates.py", "-k", "not rtk_verify and not negative_margin") if (ROOT / "tests/test_gates.py").exists() else ())
 TARGETS = {
     "bundle": Target("toolkit/core/bundle.py", (
-        "takes_any_size", "file_name", "Bundle.files", "Bundle.confined", "Bundle.labels", "Bundle.any_size",
+        "takes_any_size", "Bundle.files", "Bundle.confined", "Bundle.labels", "Bundle.any_size",
         "Bundle.integrity_problem", "Bundle._file_problem", "Bundle.check_file"), INTEGRITY_TESTS),
+    "formats": Target("toolkit/core/formats.py", ("row", "of_format", "file_name"),
+                      (*INTEGRITY_TESTS, "tests/test_formats.py")),
     "manifest": Target("toolkit/core/manifest.py", (
         "_check", "check_plain_name", "preprocess_spec", "FileEntry.from_dict", "Manifest.from_dict"), INTEGRITY_TESTS),
     "verify gates": Target("toolkit/evaluation/verify.py", (
