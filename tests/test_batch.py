@@ -227,16 +227,18 @@ def test_ray_on_two_nodes_gives_the_in_process_rows(bundle, images, tmp_path, mo
 
     manifest = _manifest_txt(tmp_path, images, 200)
     inputs = [manifest, images]  # a manifest and a folder (with its two bad files)
-    options = BatchOptions(top_k=3, logits=True, part_rows=50, batch_size=8)
+    options = BatchOptions(top_k=3, logits=True, part_rows=25, batch_size=8)
     clf = Classifier.load(bundle, threads=1)
     local = run_local(clf, inputs, tmp_path / "local", options, decoders=1)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
+    # 3 (logical) CPUs a node and actors of 2: a node holds one actor, so the two actors are on both nodes
+    # (SPREAD alone is a preference: CI once placed both on the head, and one node did all the work)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "node_ip_address": "127.0.0.1",
                                                             "include_dashboard": False})
     try:
-        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+        cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
         remote = run_ray(clf, bundle, inputs, tmp_path / "ray", options, address=cluster.address, workers=2,
-                         threads=1)
+                         threads=2)
     finally:
         import ray
 
