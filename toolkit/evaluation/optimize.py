@@ -285,7 +285,7 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
     holdout = Holdout(inputs, reference_logits(model, spec, inputs.crops), holdout_dir)
     rows, passing, selftest_outputs = verify_candidates(bundle, lambda: (model, spec), holdout, threads, config, echo)
     time_candidates(passing, config, echo)
-    add_speedups(rows, config.batch_sizes)
+    add_baseline_speedups(rows, config.batch_sizes)
     first = config.batch_sizes[0]
     ranked = sorted((r for r in rows if r["status"] == "passed"), key=lambda r: r[f"b{first}"]["p50_ms"])
     if not ranked:
@@ -394,7 +394,7 @@ BASELINES = {"eager": ("eager", "checkpoint", None), "onnxruntime_default": ("or
              "openvino_default": ("openvino", "model.onnx", "precision f32")}
 
 
-def add_speedups(rows: list[dict[str, Any]], batch_sizes: tuple[int, ...]) -> None:
+def add_baseline_speedups(rows: list[dict[str, Any]], batch_sizes: tuple[int, ...]) -> None:
     """speedup_vs_NAME of each timed row against each baseline that passed; against eager, also how much the
     ratio moved from round to round."""
     from toolkit.evaluation.benchmark import round_ratios

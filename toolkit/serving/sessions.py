@@ -225,7 +225,7 @@ class OrtBackend:
         return width if isinstance(width, int) else None
 
     def selftest_key(self, file: str) -> str:
-        return file
+        return selftest_key(file)
 
     def placement_warning(self) -> str | None:
         on_cpu = (self.placement or {}).get("CPUExecutionProvider", 0)
