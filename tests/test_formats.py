@@ -55,12 +55,12 @@ def test_every_writer_key_is_an_exporter():
 def test_every_format_can_be_reloaded_and_its_classes_read():
     from toolkit.evaluation.verify import CLASS_READERS
     from toolkit.export import loaders
-    from toolkit.export.exporter import SESSION_RUNNERS
+    from toolkit.serving.sessions import ENGINES
 
     for row in formats.ROWS:
         assert row.metadata in CLASS_READERS, row.name
         if row.loader is None:
-            assert row.engine in SESSION_RUNNERS, row.name
+            assert row.engine in ENGINES, row.name
         else:
             assert callable(getattr(loaders, row.loader)), row.name
 

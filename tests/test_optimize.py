@@ -188,7 +188,7 @@ def test_openvino_recommendation(tiny_bundle, tiny_data, tmp_path, monkeypatch):
         clf = Classifier.load(bundle)
         assert clf.backend.name == "openvino" and clf.providers == ["OpenVINO CPU (f32)"]
         assert [p.indices[0] for p in clf.predict(images)] == expected
-    monkeypatch.setattr("toolkit.serving.classifier.openvino_problem", lambda hint: "openvino is not installed (pip install ...)")
+    monkeypatch.setattr("toolkit.serving.sessions.openvino_problem", lambda hint: "openvino is not installed (pip install ...)")
     with pytest.warns(UserWarning, match=r"recommends OpenVINO, which cannot run here \(openvino is not installed"):
         clf = Classifier.load(bundle)
     assert clf.backend.name == "onnxruntime"

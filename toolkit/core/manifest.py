@@ -172,7 +172,10 @@ class Recommendation:
 
     @property
     def engine(self) -> str:
-        """openvino | onnxruntime | torch: the family of the recommended runtime."""
+        """The engine of the recommended session (toolkit.serving.sessions.ENGINES), or torch for a torch
+        runtime; a record without session settings is read by its runtime's name."""
+        if self.session is not None and isinstance(self.session.get("engine"), str):
+            return self.session["engine"]
         if self.runtime.startswith("openvino"):
             return "openvino"
         return "onnxruntime" if self.runtime.startswith("ort") else "torch"

@@ -42,7 +42,7 @@ from toolkit.evaluation.verify import (
 )
 from toolkit.export.exporter import metadata
 from toolkit.export.quantize import QuantRecipe, calibration_crops, write_int8
-from toolkit.serving.sessions import SessionSettings, open_onnxruntime, open_openvino
+from toolkit.serving.sessions import ENGINES, SessionSettings, describe, open_onnxruntime, open_openvino
 
 DEFAULT_RECIPES = (
     QuantRecipe(),
@@ -59,7 +59,6 @@ ORT_OPT_FILE = "model.ort-opt.onnx"
 # Each file is swapped into the bundle under its folder_lock (the lock Bundle.update merges the manifest
 # under), taken only around the swap: never around Bundle.update, which takes it itself.
 LOCK = "rtk optimize"
-EXTRA_ORT_LEVELS = ("basic", "extended")  # beside the default "all", on model.onnx
 
 
 @dataclass(frozen=True)
@@ -226,28 +225,27 @@ def update_selftest(bundle: Bundle, outputs: dict[str, Any]) -> None:
 
 
 def candidates(bundle: Bundle, reference, threads: int):
-    """Every CPU runtime x artifact, plus onnxruntime at other graph-optimisation levels on model.onnx."""
-    from toolkit.evaluation.runners import RunOptions, plan, runtimes_on
+    """Every CPU runtime x artifact, plus each engine's session variants (onnxruntime's other graph levels)
+    on model.onnx, on that engine's CPU runtimes."""
+    from toolkit.evaluation.runners import REGISTRY, RunOptions, plan, runtimes_on
 
     options = RunOptions(threads=threads, profile_placement=False)
     # the any-size file takes whole images, another contract than the crops a recommendation serves
     entries = [e for e in plan(bundle, runtimes_on("cpu"), reference, options)
                if not bundle.any_size(e.artifact)]
-    for level in EXTRA_ORT_LEVELS:
-        entries += [e for e in plan(bundle, ["ort-cpu"], reference, dataclasses.replace(options, ort_graph_optimization=level))
-                    if e.artifact == "model.onnx"]
+    for engine in ENGINES.values():
+        on_cpu = [name for name in runtimes_on("cpu") if REGISTRY[name].family == engine.name]
+        for variant in engine.variants:
+            varied = dataclasses.replace(options, session=tuple(variant.items()))
+            entries += [e for e in plan(bundle, on_cpu, reference, varied) if e.artifact == "model.onnx"]
     return entries
 
 
 def settings(runner) -> str:
-    """The candidate's settings in words (threads, graph level, precision hint)."""
+    """The candidate's settings in words (threads, then its engine's own: graph level, precision hint)."""
     session = getattr(runner, "settings", None)
-    parts = [f"{runner.options.threads} threads"]
-    if session is not None and session.engine == "onnxruntime":
-        parts.append(f"graph {session.graph_optimization}")
-    if session is not None and session.engine == "openvino":
-        parts.append(f"precision {session.precision_hint}")
-    return ", ".join(parts)
+    words = [f"{runner.options.threads} threads"]
+    return ", ".join(words + ([describe(session)] if session is not None else []))
 
 
 @dataclass(frozen=True)
@@ -293,9 +291,10 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
     cpu = cpu_info().to_dict()
     recommended = recommendation(ranked[0], threads, cpu, first)
     report = _report(bundle, config, holdout, len(crops), calib_dir, threads, cpu, rows, ranked, recommended)
-    if recommended.engine == "openvino":  # the self-test expects what this OpenVINO session computed
-        key = selftest_key(recommended.artifact, recommended.runtime)
-        update_selftest(bundle, {key: lambda images: selftest_outputs[key]})
+    chosen = selftest_outputs.get((recommended.runtime, recommended.artifact))
+    if chosen is not None:  # the self-test expects what this session computed (an engine with its own key)
+        key, outputs = chosen
+        update_selftest(bundle, {key: lambda images: outputs})
     bundle.update(optimization=report, recommended=recommended)
     return report
 
@@ -316,9 +315,11 @@ Passing = list[tuple[Any, dict[int, np.ndarray], dict[str, Any]]]  # (runner, ba
 
 
 def verify_candidates(bundle: Bundle, reference: Callable[[], tuple[Any, Any]], holdout: Holdout, threads: int,
-                      config: OptimizeConfig, echo) -> tuple[list[dict[str, Any]], Passing, dict[str, np.ndarray]]:
+                      config: OptimizeConfig, echo) -> tuple[list[dict[str, Any]], Passing,
+                                                              dict[tuple[str, str], tuple[str, np.ndarray]]]:
     """Every candidate's row; the passing ones with the batches to time them on; and what each passing
-    OpenVINO candidate computes on the self-test images (its self-test expectation, should it be chosen)."""
+    candidate whose engine has its own self-test key (OpenVINO) computes on the self-test images: its key and
+    expected outputs, by (runtime, artifact), should it be chosen."""
     from toolkit.evaluation.runners import Failed, Skipped, each_loaded
 
     spec = bundle.manifest.preprocess
@@ -326,7 +327,7 @@ def verify_candidates(bundle: Bundle, reference: Callable[[], tuple[Any, Any]], 
     batches = {b: rng.integers(0, 256, (b, spec.crop_size, spec.crop_size, 3), dtype=np.uint8) for b in config.batch_sizes}
     rows: list[dict[str, Any]] = []
     passing: Passing = []
-    selftest_outputs: dict[str, np.ndarray] = {}
+    selftest_outputs: dict[tuple[str, str], tuple[str, np.ndarray]] = {}
     for entry in each_loaded(candidates(bundle, reference, threads)):
         row: dict[str, Any] = {"runtime": entry.runtime, "artifact": entry.artifact, "precision": entry.precision}
         if isinstance(entry, Skipped):
@@ -340,8 +341,9 @@ def verify_candidates(bundle: Bundle, reference: Callable[[], tuple[Any, Any]], 
         rows.append(row)
         if row["status"] == "passed":
             passing.append((entry, batches, row))  # timed later, all together, in interleaved rounds
-            if entry.runtime.startswith("openvino"):
-                selftest_outputs[selftest_key(entry.artifact, entry.runtime)] = entry(_selftest_images(bundle))
+            key = getattr(entry, "selftest_key", None)
+            if key is not None and key != selftest_key(entry.artifact):  # export wrote onnxruntime's
+                selftest_outputs[(entry.runtime, entry.artifact)] = (key, entry(_selftest_images(bundle)))
     return rows, passing, selftest_outputs
 
 

@@ -203,18 +203,12 @@ def check_onnx(path: Path) -> dict[str, Any]:
     return {"inputs": contract(inferred.graph.input), "outputs": contract(inferred.graph.output)}
 
 
-def _onnxruntime_runner(path: Path):
-    from toolkit.serving.sessions import SessionSettings, open_onnxruntime
+def _session_runner(path: Path, engine: str):
+    """Every output of the file, from the serving session of its format's engine."""
+    from toolkit.serving.sessions import SessionSettings, open_session
 
-    session = open_onnxruntime(path, SessionSettings()).session
-    return lambda x: session.run(None, {INPUT_NAME: x.numpy()})
-
-
-def _openvino_runner(path: Path):
-    from toolkit.serving.sessions import SessionSettings, open_openvino
-
-    compiled = open_openvino(path, SessionSettings(engine="openvino")).compiled
-    return lambda x: [np.asarray(v) for v in compiled(x.numpy()).values()]
+    backend = open_session(path, SessionSettings(engine=engine))
+    return lambda x: backend.run_all(x.numpy())
 
 
 def _torch_runner(module):
@@ -226,17 +220,12 @@ def _torch_runner(module):
     return run
 
 
-# the engines a serving session opens (core.formats rows without a torch loader), by the row's engine
-SESSION_RUNNERS: dict[str, Callable[[Path], Callable]] = {"onnxruntime": _onnxruntime_runner,
-                                                          "openvino": _openvino_runner}
-
-
 def reload_runner(path: Path, fmt: str):
     """A function running the written file as a fresh reader would: its format's serving session
     (onnxruntime, OpenVINO) or its torch loader (torch.jit, torch.export)."""
     family = of_format(fmt, path.name)
-    if family.loader is None:
-        return SESSION_RUNNERS[family.engine](path)
+    if family.loader is None:  # a serving engine's file (toolkit.serving.sessions.ENGINES)
+        return _session_runner(path, family.engine)
     from toolkit.export import loaders
 
     return _torch_runner(getattr(loaders, family.loader)(path))

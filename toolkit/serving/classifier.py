@@ -35,15 +35,7 @@ from toolkit.core.preprocess import (
     crop_array,
 )
 from toolkit.errors import CheckFailed, RtkError, RuntimeUnavailable, first_line
-from toolkit.serving.sessions import (
-    PROVIDERS,
-    OpenVinoBackend,
-    OrtBackend,
-    SessionSettings,
-    open_onnxruntime,
-    open_session,
-    openvino_problem,
-)
+from toolkit.serving.sessions import ENGINES, PROVIDERS, SessionSettings, open_session
 
 if TYPE_CHECKING:
     from toolkit.serving.signing import TrustedCopy
@@ -112,38 +104,28 @@ class Classifier:
 
         A bundle serves what `rtk optimize` recommended for the device asked for, with exactly the
         session settings it verified (else model.onnx with verify's defaults for that device: TF32
-        off). `runtime="auto"` runs a recommended OpenVINO session when openvino is installed (without
-        it onnxruntime runs the same file, with a warning); "onnxruntime" or "openvino" force one.
+        off). `runtime="auto"` runs the recommended engine when it can run here (else its fallback engine
+        runs the same ONNX file, with a warning: onnxruntime for OpenVINO); an engine's name
+        (toolkit.serving.sessions.ENGINES: "onnxruntime", "openvino") forces it.
         `trust` (public key files): the bundle must be signed by one of them (toolkit.serving.signing), and what
         is loaded is a private copy of the files it serves whose sha256 are the signed ones.
         """
-        if runtime not in ("auto", "onnxruntime", "openvino"):
-            raise RtkError(f"runtime must be auto, onnxruntime or openvino, got {runtime!r}")
+        if runtime != "auto" and runtime not in ENGINES:
+            raise RtkError(f"runtime must be auto, {', '.join(ENGINES)}, got {runtime!r}")
         device = device_for(providers)
         trusted = trusted_files(Path(path), trust, device, threads, runtime, any_size) if trust is not None else None
         model_path, settings = serving_choice(trusted.root if trusted else Path(path), device, threads, runtime,
                                               any_size)
         try:
-            if model_path.suffix == ".xml":  # an OpenVINO IR: only OpenVINO reads it, metadata included
-                from toolkit.core.openvino_ir import metadata
-
-                backend: OrtBackend | OpenVinoBackend = open_session(model_path, settings)
-                meta, width = metadata(model_path), None
-            else:
-                backend = open_onnxruntime(model_path, replace(settings, engine="onnxruntime", device=device,
-                                                               precision_hint="f32"))
-                meta, width = backend.metadata, backend.output_width
-                if settings.engine == "openvino":  # the metadata came from onnxruntime; OpenVINO serves
-                    backend = open_session(model_path, settings)
+            backend = open_session(model_path, settings)
+            meta = backend.metadata
         except RuntimeUnavailable as exc:
             raise RtkError(str(exc)) from None
-        classes, spec = model_metadata(model_path, meta, width)
+        classes, spec = model_metadata(model_path, meta, backend.output_width)
         any_size_file = meta.get("input") == ANY_SIZE
         if not any_size_file:
             check_input_shape(model_path, backend, spec)
-        precision = meta.get("precision", "fp32")
-        if settings.engine == "openvino" and settings.precision_hint == "bf16":
-            precision = "bf16"
+        precision = "bf16" if settings.precision_hint == "bf16" else meta.get("precision", "fp32")
         if backend.placement_warning():
             warnings.warn(f"{model_path.name}: {backend.placement_warning()}", stacklevel=2)
         clf = cls(backend, model_path, classes, spec, precision, max_pixels)
@@ -337,27 +319,33 @@ def serving_choice(path: Path, device: str, threads: int | None = None,
     else:
         raise RtkError(f"no such bundle or ONNX file: {path}")
     settings = SessionSettings.from_dict(session) if session is not None else SessionSettings(device=device)
-    if runtime == "openvino" and settings.engine != "openvino":
-        if device != "cpu":
-            raise RtkError("runtime openvino runs on the CPU only")
-        settings = replace(settings, engine="openvino", graph_optimization="all")
-    if settings.engine == "openvino":
-        problem = openvino_problem(settings.precision_hint)
-        if runtime == "onnxruntime" or (problem and runtime == "auto"):
-            if model_path.suffix == ".xml":  # an OpenVINO IR: onnxruntime serves the ONNX file it came from
-                model_path = model_path.with_name("model.onnx")
-                settings = SessionSettings(device=device)
-            if problem and runtime == "auto":
-                warnings.warn(f"{path} recommends OpenVINO, which cannot run here ({problem}): serving "
-                              f"{model_path.name} with onnxruntime instead", stacklevel=3)
-            settings = replace(settings, engine="onnxruntime", precision_hint="f32")
-        elif problem:
-            raise RtkError(f"runtime openvino asked for, but {problem}")
+    if runtime != "auto" and runtime != settings.engine:
+        model_path, settings = on_engine(model_path, settings, runtime)
+    problem = ENGINES[settings.engine].problem(settings)
+    fallback = ENGINES[settings.engine].fallback
+    if problem and runtime != "auto":
+        raise RtkError(f"runtime {runtime} asked for, but {problem}")
+    if problem and fallback:
+        was = ENGINES[settings.engine].title
+        model_path, settings = on_engine(model_path, settings, fallback)
+        warnings.warn(f"{path} recommends {was}, which cannot run here ({problem}): serving "
+                      f"{model_path.name} with {ENGINES[fallback].title} instead", stacklevel=3)
     if threads:
         settings = replace(settings, threads=threads)
     if bundle is not None and check:  # what is served is the file the manifest describes (and an IR's .bin with it)
         bundle.check_file(model_path.name)
     return model_path, settings
+
+
+def on_engine(model_path: Path, settings: SessionSettings, engine: str) -> tuple[Path, SessionSettings]:
+    """The file and settings `engine` serves in place of `settings`' engine: the same file where it opens it
+    (an ONNX file), else the model.onnx the file was converted from (an OpenVINO IR), with default settings."""
+    target = ENGINES[engine]
+    if settings.device not in target.devices:
+        raise RtkError(f"runtime {engine} runs on {', '.join(target.devices)} only, not {settings.device}")
+    if model_path.suffix not in target.suffixes:
+        return model_path.with_name("model.onnx"), SessionSettings(device=settings.device).on_engine(engine)
+    return model_path, settings.on_engine(engine)
 
 
 def trusted_files(path: Path, trust: Sequence[str | os.PathLike], device: str, threads: int | None, runtime: str,

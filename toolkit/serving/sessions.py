@@ -4,6 +4,11 @@ Torch-free (standard library, numpy, onnxruntime, optionally openvino): `Classif
 verify/benchmark runners and `rtk optimize` all open sessions here, so what a service runs is what
 verify checked. This module alone knows the provider options, TF32, `preload_dlls`, the refusal of
 onnxruntime's silent CPU fallback and the per-node placement check.
+
+Each engine is one opener (a backend class and its `open_*` function) and one row of `ENGINES`: the
+devices and files it opens, why it cannot run here, its settings in words, the engine serving falls
+back to, and the settings `rtk optimize` also tries. Adding an engine is those two things here plus
+its runtime rows in `toolkit.evaluation.runners.registry`; nothing else names an engine.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import os
 import tempfile
 import threading
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,6 @@ from toolkit.core.bundle import selftest_key
 from toolkit.core.hardware import cpu_info
 from toolkit.errors import ArtifactBroken, RtkError, RuntimeUnavailable, first_line
 
-ENGINES = ("onnxruntime", "openvino")
 DEVICES = ("cpu", "cuda", "tensorrt")
 ORT_GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -46,7 +51,7 @@ class SessionSettings:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise RtkError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
-        if self.device not in DEVICES or (self.engine == "openvino" and self.device != "cpu"):
+        if self.device not in ENGINES[self.engine].devices:
             raise RtkError(f"{self.engine} cannot run on device {self.device!r}")
         if self.graph_optimization not in ORT_GRAPH_LEVELS:
             raise RtkError(f"unknown onnxruntime graph optimization level {self.graph_optimization!r}; "
@@ -62,6 +67,16 @@ class SessionSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def trimmed(self) -> SessionSettings:
+        """These settings with what their engine does not read back at its default (one session, one record)."""
+        keep = {"engine", "device", "threads", *ENGINES[self.engine].own}
+        defaults = SessionSettings()
+        return replace(self, **{f.name: getattr(defaults, f.name) for f in fields(self) if f.name not in keep})
+
+    def on_engine(self, engine: str) -> SessionSettings:
+        """These settings for another engine: what only the old one read goes back to its default."""
+        return replace(self, engine=engine).trimmed()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SessionSettings:
@@ -123,12 +138,6 @@ def openvino_problem(precision_hint: str = "f32") -> str | None:
     if precision_hint == "bf16" and not cpu_info().fast_bf16:
         return "this CPU has neither AMX nor AVX512-BF16 (OpenVINO would not run bf16)"
     return None
-
-
-def unavailable_reason(settings: SessionSettings) -> str | None:
-    if settings.engine == "openvino":
-        return openvino_problem(settings.precision_hint)
-    return provider_problem(PROVIDERS[settings.device])
 
 
 # ---------------------------------------------------------------- onnxruntime
@@ -227,6 +236,14 @@ class OrtBackend:
     def selftest_key(self, file: str) -> str:
         return selftest_key(file)
 
+    def details(self) -> dict[str, Any]:
+        """What a runner records of this session."""
+        out: dict[str, Any] = {"providers": self.providers, "threads": self.settings.threads,
+                               "graph_optimization": self.settings.graph_optimization}
+        if self.placement is not None:
+            out["node_placement"] = self.placement
+        return out
+
     def placement_warning(self) -> str | None:
         on_cpu = (self.placement or {}).get("CPUExecutionProvider", 0)
         if self.settings.on_gpu and on_cpu:
@@ -235,6 +252,15 @@ class OrtBackend:
 
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: images})[0]
+
+    def run_all(self, images: np.ndarray) -> list[np.ndarray]:
+        """Every output of the file (logits, then probabilities where it has them)."""
+        return self.session.run(None, {self.input_name: images})
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """The rtk metadata of an ONNX file, read by onnxruntime on the CPU."""
+    return open_onnxruntime(path, SessionSettings()).metadata
 
 
 def open_onnxruntime(path: str | Path, settings: SessionSettings, check_placement: bool = True,
@@ -298,8 +324,34 @@ class OpenVinoBackend:
     def compiled_precision(self) -> str:
         return str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """An IR's rtk metadata from its rt_info; an ONNX file's from the file, through onnxruntime (OpenVINO's
+        ONNX reader drops metadata_props)."""
+        if self.path.suffix == ".xml":
+            from toolkit.core.openvino_ir import metadata
+
+            return metadata(self.path)
+        return onnx_metadata(self.path)
+
+    @property
+    def input_shape(self) -> list:
+        return [d.get_length() if d.is_static else "?" for d in self.compiled.input(0).get_partial_shape()]
+
+    @property
+    def output_width(self) -> int | None:
+        width = self.output.get_partial_shape()[-1]
+        return width.get_length() if width.is_static else None
+
     def selftest_key(self, file: str) -> str:
         return selftest_key(file, "openvino-bf16" if self.settings.precision_hint == "bf16" else "openvino")
+
+    def details(self) -> dict[str, Any]:
+        """What a runner records of this session."""
+        import openvino as ov
+
+        return {"openvino": ov.get_version(), "precision_hint": self.settings.precision_hint,
+                "threads": self.settings.threads, "compiled_precision": self.compiled_precision}
 
     def placement_warning(self) -> str | None:
         return None
@@ -309,6 +361,10 @@ class OpenVinoBackend:
         if request is None:
             request = self.local.request = self.compiled.create_infer_request()
         return np.array(request.infer({0: images})[self.output], dtype=np.float32, copy=True)
+
+    def run_all(self, images: np.ndarray) -> list[np.ndarray]:
+        """Every output of the model (logits, then probabilities where it has them)."""
+        return [np.asarray(v) for v in self.compiled(images).values()]
 
 
 def open_openvino(path: str | Path, settings: SessionSettings) -> OpenVinoBackend:
@@ -331,8 +387,59 @@ def open_openvino(path: str | Path, settings: SessionSettings) -> OpenVinoBacken
     return OpenVinoBackend(compiled, settings, path)
 
 
-def open_session(path: str | Path, settings: SessionSettings, check_placement: bool = True) -> OrtBackend | OpenVinoBackend:
-    """The session `settings` describe, on `path`."""
-    if settings.engine == "openvino":
-        return open_openvino(path, settings)
-    return open_onnxruntime(path, settings, check_placement=check_placement)
+# ---------------------------------------------------------------- the engines
+
+
+Backend = OrtBackend | OpenVinoBackend  # an engine's loaded model: run, run_all, metadata, selftest_key, details
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One engine sessions are opened with."""
+
+    name: str  # SessionSettings.engine, and core.formats' engine of the files it runs
+    title: str  # for messages
+    devices: tuple[str, ...]
+    suffixes: tuple[str, ...]  # the files it opens
+    open: Callable[[Path, SessionSettings, bool], Backend]  # (file, settings, check_placement) -> backend
+    problem: Callable[[SessionSettings], str | None]  # why it cannot run these settings here; None when it can
+    words: Callable[[SessionSettings], str]  # its own settings in words, for rtk optimize's table
+    own: tuple[str, ...] = ()  # the SessionSettings fields it reads beside engine, device and threads
+    fallback: str | None = None  # the engine `Classifier.load(runtime="auto")` serves model.onnx on when this one cannot run
+    variants: tuple[dict[str, Any], ...] = ()  # settings beside its defaults that rtk optimize also tries on model.onnx
+
+
+ENGINES: dict[str, Engine] = {engine.name: engine for engine in (
+    Engine("onnxruntime", "onnxruntime", DEVICES, (".onnx",),
+           lambda path, settings, check: open_onnxruntime(path, settings, check_placement=check),
+           lambda settings: provider_problem(PROVIDERS[settings.device]),
+           lambda settings: f"graph {settings.graph_optimization}",
+           own=("graph_optimization", "tf32", "cuda_graph", "trt_cache"),
+           variants=({"graph_optimization": "basic"}, {"graph_optimization": "extended"})),
+    Engine("openvino", "OpenVINO", ("cpu",), (".onnx", ".xml"),
+           lambda path, settings, check: open_openvino(path, settings),
+           lambda settings: openvino_problem(settings.precision_hint),
+           lambda settings: f"precision {settings.precision_hint}",
+           own=("precision_hint",), fallback="onnxruntime"),
+)}
+
+
+def engine(name: str) -> Engine:
+    if name not in ENGINES:
+        raise RtkError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+    return ENGINES[name]
+
+
+def unavailable_reason(settings: SessionSettings) -> str | None:
+    """Why the session these settings describe cannot run here; None when it can."""
+    return ENGINES[settings.engine].problem(settings)
+
+
+def describe(settings: SessionSettings) -> str:
+    """What the session's engine alone is set to, in words ("graph all", "precision bf16")."""
+    return ENGINES[settings.engine].words(settings)
+
+
+def open_session(path: str | Path, settings: SessionSettings, check_placement: bool = True) -> Backend:
+    """The session `settings` describe, on `path`, opened by its engine."""
+    return ENGINES[settings.engine].open(Path(path), settings, check_placement)

@@ -3,8 +3,9 @@
 Parity (`verify`), timing (`benchmark`) and `optimize` are written once against it:
 - `registry`: one row per runtime (device, artifacts, precision, builder, why unavailable);
 - `loop`: load one runner, use it, release it;
-- one backend file per family: `torch_runner`, `ort_runner`, `openvino_runner` (sessions come from
-  `toolkit.serving.sessions`, the same code the production runtime uses).
+- `torch_runner` for the torch runtimes (eager, TorchScript, torch.export); `session_runner` for every
+  serving engine (onnxruntime, OpenVINO), whose sessions come from `toolkit.serving.sessions`, the same
+  code the production runtime uses.
 A runtime that cannot exist here is `Skipped` with its reason; a broken artifact is `Failed`.
 """
 

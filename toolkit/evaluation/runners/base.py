@@ -18,7 +18,8 @@ class RunOptions:
     tf32: bool = False  # off: fp32 parity needs full-precision matmuls on both sides
     cuda_graph: bool = False
     profile_placement: bool = True
-    ort_graph_optimization: str = "all"  # onnxruntime: disable | basic | extended | all
+    # session settings beside the runtime row's (rtk optimize's variants, such as a graph level): (field, value)
+    session: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

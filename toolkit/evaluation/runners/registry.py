@@ -38,7 +38,7 @@ class RuntimeSpec:
     precision: str | None = None  # the precision it runs at; None: the artifact's own
     unavailable: Callable[[], str | None] = lambda: None
     verify_default: bool = True
-    session: dict[str, Any] | None = None  # onnxruntime/OpenVINO session settings beside threads
+    session: dict[str, Any] | None = None  # a serving engine's session settings beside threads (engine, device, ...)
 
 
 # ---------------------------------------------------------------- what each family accepts
@@ -121,30 +121,22 @@ def torch_file_runtimes(name: str, engine: str) -> tuple[RuntimeSpec, RuntimeSpe
 
 
 def session_settings(spec: RuntimeSpec, entry: FileEntry, options: RunOptions, bundle_root: Path) -> SessionSettings:
-    """The session a runtime opens on a file: the row's settings plus the stage's threads and TF32."""
-    values = dict(spec.session or {})
-    values.setdefault("graph_optimization", options.ort_graph_optimization)
+    """The session a runtime opens on a file: the row's settings, the stage's threads and TF32 and its session
+    variant (rtk optimize's), less what the row's engine does not read."""
+    values = {**(spec.session or {}), **dict(options.session)}
     if values.get("device") == "tensorrt":  # engines are keyed by the model's hash: a new file never reuses an old engine
         values["trt_cache"] = str(bundle_root / "trt-cache" / entry.sha256[:16])
-    if values.get("engine") == "openvino":
-        values.pop("graph_optimization")
     return SessionSettings(threads=options.threads, tf32=options.tf32,
-                           cuda_graph=options.cuda_graph and spec.name == "ort-cuda-iobinding", **values)
+                           cuda_graph=options.cuda_graph and spec.name == "ort-cuda-iobinding", **values).trimmed()
 
 
-def _ort(spec: RuntimeSpec, name, path, entry, options, reference) -> Runner:
-    from toolkit.evaluation.runners.ort_runner import OrtRunner
+def _session(spec: RuntimeSpec, name, path, entry, options, reference) -> Runner:
+    """Any serving engine's runner: the row's `session` names the engine (toolkit.serving.sessions.ENGINES)."""
+    from toolkit.evaluation.runners.session_runner import SessionRunner
 
-    return OrtRunner(spec.name, name, spec.precision or entry.precision, options, path=path,
-                     settings=session_settings(spec, entry, options, path.parent),
-                     io_binding=spec.name == "ort-cuda-iobinding")
-
-
-def _openvino(spec: RuntimeSpec, name, path, entry, options, reference) -> Runner:
-    from toolkit.evaluation.runners.openvino_runner import OpenVinoRunner
-
-    return OpenVinoRunner(spec.name, name, spec.precision or entry.precision, options, path=path,
-                          settings=session_settings(spec, entry, options, path.parent))
+    return SessionRunner(spec.name, name, spec.precision or entry.precision, options, path=path,
+                         settings=session_settings(spec, entry, options, path.parent),
+                         io_binding=spec.name == "ort-cuda-iobinding")
 
 
 ROWS = (
@@ -156,22 +148,22 @@ ROWS = (
                 _cuda),
     *torch_file_runtimes("torchscript", "torch.jit"),
     *torch_file_runtimes("torch-export", "torch.export"),
-    RuntimeSpec("ort-cpu", "cpu", "onnxruntime", "every ONNX file", _onnx("fp32", "fp16", "int8"), _ort,
+    RuntimeSpec("ort-cpu", "cpu", "onnxruntime", "every ONNX file", _onnx("fp32", "fp16", "int8"), _session,
                 unavailable=_provider("CPUExecutionProvider", False), session={"device": "cpu"}),
-    RuntimeSpec("ort-cuda", "cuda", "onnxruntime", "fp32 and fp16 ONNX files", _onnx("fp32", "fp16", plain=True), _ort,
+    RuntimeSpec("ort-cuda", "cuda", "onnxruntime", "fp32 and fp16 ONNX files", _onnx("fp32", "fp16", plain=True), _session,
                 unavailable=_provider("CUDAExecutionProvider", True), session={"device": "cuda"}),
     RuntimeSpec("ort-cuda-iobinding", "cuda", "onnxruntime", "fp32 and fp16 ONNX files; input placed on the device once",
-                _onnx("fp32", "fp16", plain=True), _ort, unavailable=_provider("CUDAExecutionProvider", True),
+                _onnx("fp32", "fp16", plain=True), _session, unavailable=_provider("CUDAExecutionProvider", True),
                 verify_default=False, session={"device": "cuda"}),
     RuntimeSpec("ort-tensorrt", "cuda", "onnxruntime", "fp32 ONNX with TensorRT fp16; engine cache in the bundle",
-                _onnx("fp32", plain=True, any_size=False), _ort, "fp16", _provider("TensorrtExecutionProvider", True),
+                _onnx("fp32", plain=True, any_size=False), _session, "fp16", _provider("TensorrtExecutionProvider", True),
                 session={"device": "tensorrt"}),
     RuntimeSpec("openvino", "cpu", "openvino", "fp32 and int8 ONNX files and OpenVINO IRs (extra: openvino)",
-                _openvino_files("fp32", "int8"), _openvino, unavailable=lambda: openvino_problem("f32"),
+                _openvino_files("fp32", "int8"), _session, unavailable=lambda: openvino_problem("f32"),
                 session={"engine": "openvino", "precision_hint": "f32"}),
     RuntimeSpec("openvino-bf16", "cpu", "openvino", "fp32 ONNX files through OpenVINO with bf16 inference precision",
                 # not the any-size file: bf16 matmuls cannot hold the resize's grey levels (8-bit mantissa)
-                _openvino_files("fp32", any_size=False), _openvino, "bf16", lambda: openvino_problem("bf16"),
+                _openvino_files("fp32", any_size=False), _session, "bf16", lambda: openvino_problem("bf16"),
                 session={"engine": "openvino", "precision_hint": "bf16"}),
 )
 REGISTRY: dict[str, RuntimeSpec] = {row.name: row for row in ROWS}

@@ -1,4 +1,5 @@
-"""onnxruntime runners (CPU, CUDA, CUDA with IO binding, TensorRT): sessions come from toolkit.serving.sessions."""
+"""The runner of every serving engine (onnxruntime on CPU, CUDA, CUDA with IO binding, TensorRT; OpenVINO):
+its session comes from toolkit.serving.sessions, opened exactly as a service opens it."""
 
 from __future__ import annotations
 
@@ -9,22 +10,21 @@ from typing import Any
 import numpy as np
 
 from toolkit.evaluation.runners.base import Runner
-from toolkit.serving.sessions import OrtBackend, SessionSettings, open_onnxruntime
+from toolkit.serving.sessions import Backend, SessionSettings, open_session
 
 
 @dataclass
-class OrtRunner(Runner):
+class SessionRunner(Runner):
     path: Path = Path()
     settings: SessionSettings = SessionSettings()
-    io_binding: bool = False
+    io_binding: bool = False  # onnxruntime on CUDA: the input is placed on the device once, then updated in place
 
     def load(self) -> None:
-        self.backend: OrtBackend | None = open_onnxruntime(self.path, self.settings,
-                                                           check_placement=self.options.profile_placement)
-        self.details.update(providers=self.backend.providers, threads=self.settings.threads, io_binding=self.io_binding,
-                            graph_optimization=self.settings.graph_optimization, session=self.settings.to_dict())
-        if self.backend.placement is not None:
-            self.details["node_placement"] = self.backend.placement
+        self.backend: Backend | None = open_session(self.path, self.settings,
+                                                    check_placement=self.options.profile_placement)
+        self.details.update(self.backend.details(), session=self.settings.to_dict())
+        if self.io_binding:
+            self.details["io_binding"] = True
         warning = self.backend.placement_warning()
         if warning:
             self.details["warning"] = warning
@@ -33,6 +33,11 @@ class OrtRunner(Runner):
     def release(self) -> None:
         self._bound = {}
         self.backend = None
+
+    @property
+    def selftest_key(self) -> str:
+        """The key of what this session is expected to compute on the self-test images (selftest.npz)."""
+        return self.backend.selftest_key(self.artifact)
 
     def prepare(self, images: np.ndarray) -> Any:
         if not self.io_binding:
