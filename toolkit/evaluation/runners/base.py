@@ -12,7 +12,9 @@ from toolkit.errors import RtkError
 
 @dataclass(frozen=True)
 class RunOptions:
-    """What a stage asks of every runner it plans."""
+    """What a stage asks of every runner it plans, torch runners and sessions alike. A session runner's
+    `SessionSettings` (toolkit.serving.sessions: what one session computes, stored with a recommendation) are
+    made from these and its registry row by `registry.session_settings`."""
 
     threads: int | None = None
     tf32: bool = False  # off: fp32 parity needs full-precision matmuls on both sides
