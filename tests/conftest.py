@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -36,6 +37,20 @@ BLOCK_TORCH = textwrap.dedent("""
                 raise ImportError('torch is blocked in this test')
     sys.meta_path.insert(0, _NoTorch())
 """)
+
+
+# torch.compile's caches (Inductor's kernels and FX graphs, Triton's) in one folder for this session: a graph the
+# tests compile once is loaded, not compiled again, by every later test and child process; none goes to
+# /tmp/torchinductor_$USER or ~/.cache (a TORCHINDUCTOR_CACHE_DIR set by the caller is kept)
+SESSION_INDUCTOR_CACHE = (tempfile.mkdtemp(prefix="rtk-test-inductor-")
+                          if HAS_TORCH and "TORCHINDUCTOR_CACHE_DIR" not in os.environ else None)
+if SESSION_INDUCTOR_CACHE:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = SESSION_INDUCTOR_CACHE
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if SESSION_INDUCTOR_CACHE:
+        shutil.rmtree(SESSION_INDUCTOR_CACHE, ignore_errors=True)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

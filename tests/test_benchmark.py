@@ -165,8 +165,8 @@ def test_device_filter_lists_unavailable_runtimes_as_skipped(tiny_bundle, tmp_pa
     result = rtk("benchmark", bundle, *FAST, "--batch-size", "1", "--device", "cuda", "--json", tmp_path / "c.json")
     report = json.loads((tmp_path / "c.json").read_text()) if result.exit_code == 0 else None
     assert result.exit_code == 0, result.output
-    assert {r["runtime"] for r in report["results"]} <= {"eager-cuda", "eager-fp16", "torchscript-cuda", "torch-export-cuda",
-                                                         "ort-cuda", "ort-cuda-iobinding", "ort-tensorrt"}
+    assert {r["runtime"] for r in report["results"]} <= {"eager-cuda", "eager-fp16", "torch-compile-cuda", "torchscript-cuda",
+                                                         "torch-export-cuda", "ort-cuda", "ort-cuda-iobinding", "ort-tensorrt"}
     if not torch.cuda.is_available():
         assert all(r["skipped"] and r["reason"] for r in report["results"])
 

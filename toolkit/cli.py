@@ -64,6 +64,10 @@ EXTRA_OF_MODULE = {
 trust_option = click.option(
     "--trust", "trust", multiple=True, envvar="RTK_TRUST", show_envvar=True, type=click.Path(path_type=Path),
     help="A public key (PEM, EC): accept only a bundle it signed (rtk sign). Repeatable.")
+# An AOTInductor package is a compiled library: loading it runs it (toolkit.evaluation.runners.registry.plan).
+native_code_option = click.option(
+    "--allow-native-code", "allow_native_code", is_flag=True,
+    help="Also load AOTInductor packages (compiled native code: loading one runs it) [only from a --trust'ed bundle].")
 
 
 @click.group(cls=RtkGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -192,9 +196,11 @@ def train_cmd(ctx: click.Context, data_dir: Path, output: Path, resume: Path | N
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
 @click.option("--format", "formats", multiple=True, type=click.Choice(FORMATS),
-              help="Repeatable [onnx, torchscript, pt2]; openvino adds OpenVINO IRs (with onnx).")
+              help="Repeatable [onnx, torchscript, pt2]; openvino adds OpenVINO IRs (with onnx); aoti an AOTInductor "
+                   "package (compiled native code).")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
-              help="ONNX precisions, repeatable [fp32]. int8 needs --calibration-data.")
+              help="Repeatable [fp32]: fp16 and int8 ONNX files (int8 needs --calibration-data), a bf16 AOTInductor "
+                   "package (on a CPU with AMX or AVX512-BF16).")
 @click.option("--opset", default=18, show_default=True)
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True,
               help="dynamo: torch.onnx.export(dynamo=True); legacy: the TorchScript-based exporter.")
@@ -255,11 +261,12 @@ def export_cmd(checkpoint: Path | None, output: Path, formats: tuple[str, ...], 
               help="With --endpoint: the v2 protocol's transport.")
 @click.option("--token-env", default=None, metavar="VAR", help="With --endpoint: a variable holding a bearer token.")
 @trust_option
+@native_code_option
 def verify_cmd(bundle: Path, checkpoint: Path | None, images: str | None, random_images: int | None, runtimes: tuple[str, ...],
                atol: float, rtol: float, fp16_min_top1: float, int8_min_top1: float, int8_max_accuracy_drop: float,
                decisive_margin: float, device: str | None, threads: int | None, json_path: Path | None,
                endpoint: str | None, endpoint_model: str | None, protocol: str, token_env: str | None,
-               trust: tuple[Path, ...]) -> None:
+               trust: tuple[Path, ...], allow_native_code: bool) -> None:
     """Prove every artifact in BUNDLE matches the eager model, or (--endpoint) that a live server answers like
     one of them. Exit 0 all pass, 1 any fails, 2 usage error or endpoint unreachable."""
     from toolkit.evaluation.verify import Gates
@@ -277,7 +284,8 @@ def verify_cmd(bundle: Path, checkpoint: Path | None, images: str | None, random
         return _run_verify_endpoint(bundle, target, images, random_images, checkpoint, gates, threads, json_path,
                                     list(runtimes) or None)
     _run_verify(bundle, images, random_images, checkpoint, runtimes=list(runtimes) or None, gates=gates,
-                threads=threads, device=device, json_path=json_path, trust=list(trust) or None)
+                threads=threads, device=device, json_path=json_path, trust=list(trust) or None,
+                allow_native_code=allow_native_code)
 
 
 def _run_verify(bundle, images, random_images, checkpoint, json_path=None, **options) -> None:
@@ -338,11 +346,12 @@ def _report(report: dict, text: str, json_path: Path | None, failure) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None)
+@native_code_option
 def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], device: str | None, batch_sizes: tuple[int, ...], warmup: int, iterations: int,
                   min_seconds: float, threads: int | None, sweep: bool, cuda_graph: bool, interleave: bool, rounds: int,
                   any_size_input: str,
                   json_path: Path | None,
-                  csv_path: Path | None, markdown_path: Path | None) -> None:
+                  csv_path: Path | None, markdown_path: Path | None, allow_native_code: bool) -> None:
     """Latency and throughput of BUNDLE on every runtime; unavailable runtimes are listed with the reason."""
     from toolkit.core.fileio import check_writable_file
     from toolkit.evaluation.benchmark import BenchConfig, run_benchmark, table, write_outputs
@@ -351,7 +360,8 @@ def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], device: str | None, b
         check_writable_file(path)  # before the run, not after it
     config = BenchConfig(runtimes=runtimes or None, device=device, batch_sizes=batch_sizes or (1, 8), warmup=warmup,
                          iterations=iterations, min_seconds=min_seconds, threads=threads, sweep=sweep, cuda_graph=cuda_graph,
-                         any_size_input=_width_height(any_size_input), interleave=interleave, rounds=rounds)
+                         any_size_input=_width_height(any_size_input), interleave=interleave, rounds=rounds,
+                         allow_native_code=allow_native_code)
     report = run_benchmark(bundle, config, echo=click.echo)
     click.echo("")
     click.echo(table(report))
@@ -388,9 +398,10 @@ def _width_height(text: str) -> tuple[int, int]:
 @click.option("--min-seconds", default=2.0, show_default=True, help="Benchmark time per candidate and batch size.")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None, help="Write the ranked table.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@native_code_option
 def optimize_cmd(bundle: Path, calibration_data: str, holdout: str | None, max_accuracy_drop: float, decisive_margin: float,
                  batch_sizes: tuple[int, ...], threads: int | None, calibration_size: int, min_seconds: float,
-                 markdown_path: Path | None, json_path: Path | None) -> None:
+                 markdown_path: Path | None, json_path: Path | None, allow_native_code: bool) -> None:
     """Build int8 variants and an optimised graph, verify every CPU candidate on held-out images,
     benchmark those that pass, and record the fastest as the bundle's recommended deployment."""
     from toolkit.core.fileio import check_writable_file, write_json, write_text
@@ -401,7 +412,8 @@ def optimize_cmd(bundle: Path, calibration_data: str, holdout: str | None, max_a
         check_writable_file(path)
     config = OptimizeConfig(calibration_data=calibration_data, holdout=holdout, max_accuracy_drop=max_accuracy_drop,
                             batch_sizes=batch_sizes or (1,), threads=threads, calibration_size=calibration_size,
-                            min_seconds=min_seconds, gates=Gates(decisive_margin=decisive_margin))
+                            min_seconds=min_seconds, gates=Gates(decisive_margin=decisive_margin),
+                            allow_native_code=allow_native_code)
     report = optimize_bundle(bundle, config, echo=click.echo)
     click.echo("")
     click.echo(format_table(report))

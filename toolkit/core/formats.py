@@ -26,7 +26,7 @@ class ArtifactFormat:
     format: str  # the manifest entry's "format" of its files
     title: str  # for messages
     files: tuple[tuple[str, str], ...]  # (file name, precision); the first of a precision is the one export writes
-    engine: str  # what runs it: onnxruntime | openvino | torch.jit | torch.export
+    engine: str  # what runs it: onnxruntime | openvino | torch.jit | torch.export | torch.aoti
     metadata: str  # how its rtk metadata is read: a key of toolkit.evaluation.verify.CLASS_READERS
     writer: str  # which exporter writes it: a key of toolkit.export.exporter.WRITERS
     loader: str | None = None  # a torch loader in toolkit.export.loaders; None: opened by a serving session
@@ -65,6 +65,12 @@ ROWS = (
                    ((IR_FP32, "fp32"), (IR_INT8, "int8"), (IR_INT8_AC, "int8")),
                    engine="openvino", metadata="openvino", writer="openvino", needs="onnx", default=False,
                    selftest=True),
+    # compiled native code (a shared library in a zip), for the CPU (and CUDA where export has a GPU): loaded
+    # only from a trusted bundle or with --allow-native-code (registry.plan); the int8 file is PT2E's
+    ArtifactFormat("aoti", "aoti", "AOTInductor package",
+                   (("model.aoti.pt2", "fp32"), ("model.aoti-cuda.pt2", "fp32"), ("model.aoti-bf16.pt2", "bf16"),
+                    ("model.aoti-int8.pt2", "int8")),
+                   engine="torch.aoti", metadata="aoti", writer="aoti", loader="load_aoti", default=False),
 )
 BY_NAME: dict[str, ArtifactFormat] = {row.name: row for row in ROWS}
 # a manifest entry's format -> its first row (rows sharing a format share how it is run and read)
@@ -97,4 +103,5 @@ def file_name(fmt: str, precision: str = "fp32") -> str:
     for candidate in ROWS:
         if candidate.format == fmt and precision in candidate.precisions:
             return next(name for name, p in candidate.files if p == precision)
-    raise RtkError(f"no {precision} {fmt} file: only ONNX has fp16 and int8 variants")
+    have = ", ".join(dict.fromkeys(p for r in ROWS if r.format == fmt for p in r.precisions)) or "none"
+    raise RtkError(f"no {precision} {fmt} file (its precisions: {have})")

@@ -49,6 +49,7 @@ class BenchConfig:
     # the other, each timed in one block.
     interleave: bool = True
     rounds: int = 10
+    allow_native_code: bool = False  # load AOTInductor packages (compiled native code)
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -128,7 +129,7 @@ def _entries(bundle: Bundle, config: BenchConfig, threads: int) -> list[Any]:
     from toolkit.evaluation.runners import RunOptions, plan, require_named, runtimes_on
     from toolkit.training.checkpoint import source_from_manifest
 
-    options = RunOptions(threads=threads, tf32=False, cuda_graph=config.cuda_graph)
+    options = RunOptions(threads=threads, tf32=False, cuda_graph=config.cuda_graph, native_code=config.allow_native_code)
     named = list(config.runtimes) if config.runtimes else None
     entries = plan(bundle, runtimes_on(config.device, named) if config.device else named,
                    lambda: (source_from_manifest(bundle.manifest)[0], bundle.manifest.preprocess), options)

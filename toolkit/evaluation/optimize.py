@@ -76,6 +76,7 @@ class OptimizeConfig:
     seed: int = 0
     rounds: int = 10  # interleaved timing rounds (see rtk benchmark)
     gates: Gates = Gates()  # top-1 on the decisive images (its margin), the interval's confidence
+    allow_native_code: bool = False  # AOTInductor packages (compiled native code) are candidates too
 
     def __post_init__(self) -> None:
         if self.max_accuracy_drop < 0:
@@ -224,12 +225,12 @@ def update_selftest(bundle: Bundle, outputs: dict[str, Any]) -> None:
                 np.savez_compressed(fh, **arrays)
 
 
-def candidates(bundle: Bundle, reference, threads: int):
+def candidates(bundle: Bundle, reference, threads: int, native_code: bool = False):
     """Every CPU runtime x artifact, plus each engine's session variants (onnxruntime's other graph levels)
-    on model.onnx, on that engine's CPU runtimes."""
+    on model.onnx, on that engine's CPU runtimes; AOTInductor packages only with `native_code`."""
     from toolkit.evaluation.runners import REGISTRY, RunOptions, plan, runtimes_on
 
-    options = RunOptions(threads=threads, profile_placement=False)
+    options = RunOptions(threads=threads, profile_placement=False, native_code=native_code)
     # the any-size file takes whole images, another contract than the crops a recommendation serves
     entries = [e for e in plan(bundle, runtimes_on("cpu"), reference, options)
                if not bundle.any_size(e.artifact)]
@@ -328,7 +329,7 @@ def verify_candidates(bundle: Bundle, reference: Callable[[], tuple[Any, Any]], 
     rows: list[dict[str, Any]] = []
     passing: Passing = []
     selftest_outputs: dict[tuple[str, str], tuple[str, np.ndarray]] = {}
-    for entry in each_loaded(candidates(bundle, reference, threads)):
+    for entry in each_loaded(candidates(bundle, reference, threads, config.allow_native_code)):
         row: dict[str, Any] = {"runtime": entry.runtime, "artifact": entry.artifact, "precision": entry.precision}
         if isinstance(entry, Skipped):
             rows.append({**row, "status": "skipped", "reason": entry.reason})

@@ -339,16 +339,23 @@ def _archive_classes(path: Path) -> str | None:
     return archive_extra(path, "classes.txt")
 
 
+def _aoti_classes(path: Path) -> str | None:
+    from toolkit.export.loaders import check_aoti_package
+
+    return check_aoti_package(path, device=None).get("classes")  # its metadata json: the library is not loaded
+
+
 # core.formats' metadata keys -> how that metadata's stored class names are read (the raw JSON text)
 CLASS_READERS: dict[str, Callable[[Path], str | None]] = {
-    "onnx": _onnx_classes, "openvino": _ir_classes, "torch-archive": _archive_classes}
+    "onnx": _onnx_classes, "openvino": _ir_classes, "torch-archive": _archive_classes, "aoti": _aoti_classes}
 
 
 def file_classes(path: Path, fmt: str) -> list[str] | None:
     """The class names stored inside a model file's metadata, read without running anything from it:
     ONNX metadata without its external data, an IR's runtime info, a torch archive's extra/classes.txt
-    straight from the zip (no torch.jit.load / torch.export.load a second time). Unparsable names, and a
-    format rtk does not know, are ArtifactBroken."""
+    straight from the zip (no torch.jit.load / torch.export.load a second time), an AOTInductor package's
+    metadata json (its library never loaded). Unparsable names, and a format rtk does not know, are
+    ArtifactBroken."""
     raw = CLASS_READERS[of_format(fmt, path.name).metadata](path)
     if not raw:
         return None
@@ -505,13 +512,14 @@ def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, ran
                   checkpoint: str | Path | None = None, runtimes: list[str] | None = None, gates: Gates = Gates(),
                   threads: int | None = None, seed: int = 0, device: str | None = None,
                   echo: Callable[[str], None] = print, store: bool = True,
-                  trust: list[str | Path] | None = None) -> dict[str, Any]:
+                  trust: list[str | Path] | None = None, allow_native_code: bool = False) -> dict[str, Any]:
     """Compare every artifact on every runtime here with the reference; store the report in the manifest.
 
     Runtimes run one at a time (loaded, compared, released). A runtime that cannot exist here is
     skipped; an artifact that is missing, altered or cannot be loaded fails; a file of a format rtk does
     not know is an error. With `trust` (public keys), only a bundle one of them signed, run from private
-    copies of its signed files; nothing is stored (the report would change a signed file)."""
+    copies of its signed files; nothing is stored (the report would change a signed file). Compiled native
+    code (AOTInductor packages) is loaded only from such a trusted bundle or with `allow_native_code`."""
     import torch
 
     from toolkit.evaluation.runners import VERIFY_DEFAULT, RunOptions, plan, require_named, runtimes_on
@@ -528,7 +536,9 @@ def verify_bundle(bundle_path: str | Path, images: str | Path | None = None, ran
     with _tf32_off():
         refs = _references(model, spec, inputs, random_images, bundle)
         wanted = runtimes or runtimes_on(device, VERIFY_DEFAULT) or list(VERIFY_DEFAULT)
-        entries = plan(bundle, wanted, lambda: (model, spec), RunOptions(threads=threads, tf32=False))
+        # a signature a trusted key checked (trusted_copy raised otherwise) vouches for the native code too
+        options = RunOptions(threads=threads, tf32=False, native_code=allow_native_code or trusted is not None)
+        entries = plan(bundle, wanted, lambda: (model, spec), options)
         require_named(entries, runtimes)
         records, skipped = _run_all(entries, bundle, inputs, refs, gates, echo)
     _require_ran(runtimes, records, skipped)

@@ -88,8 +88,10 @@ class ExportConfig:
         for p in self.precisions:
             if p not in PRECISIONS:
                 raise RtkError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
-        if set(self.precisions) - {"fp32"} and "onnx" not in self.formats:
-            raise RtkError("fp16 and int8 are ONNX files: add --format onnx")
+        for p in sorted(set(self.precisions) - {"fp32"}):
+            having = [r.name for r in ROWS if r.choice and p in r.precisions]
+            if not any(r.written_with(self.formats) and p in r.precisions for r in ROWS):
+                raise RtkError(f"--precision {p} is written with --format {' or '.join(having)}: add --format {having[0]}")
         for f in self.formats:
             needs = row(f).needs
             if needs and needs not in self.formats:
@@ -215,7 +217,7 @@ def _torch_runner(module):
     def run(x):
         with torch.inference_mode():
             out = module(x)
-        return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+        return [o.cpu().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]  # a CUDA package's too
 
     return run
 
@@ -396,12 +398,39 @@ def _archive_jobs(write: Callable[..., None], exporter: str) -> Callable[[Export
     return jobs
 
 
+def _aoti_jobs(inputs: ExportInputs, family: ArtifactFormat) -> list[Job]:
+    """The AOTInductor package for the CPU, and for CUDA where export has a GPU (its manifest entry's `device`
+    says which); bf16 too with --precision bf16 on a CPU with bf16 matrix units. A package is native code
+    compiled here: export's reload check loads what it compiled itself, in its staging folder."""
+    from toolkit.export import aoti
+
+    config, cpu_fp32, cuda_fp32 = inputs.config, family.names[0], family.names[1]
+
+    def job(name: str, precision: str, module, device: str = "cpu") -> Job:
+        return Job(name, family, precision, lambda p, m: aoti.write_aoti(module, inputs.example, p, m, device),
+                   "torch.export + AOTInductor (freezing)", extra=lambda p: {"device": device})
+
+    jobs = [job(cpu_fp32, "fp32", inputs.module)]
+    if torch.cuda.is_available():
+        jobs.append(job(cuda_fp32, "fp32", inputs.module, "cuda"))
+    bf16 = file_name(family.format, "bf16")
+    if "bf16" in config.precisions and not cpu_info().fast_bf16:
+        inputs.echo(f"{bf16} not written: this CPU has neither AMX nor AVX512-BF16 (bf16 would be emulated, slower than fp32)")
+    elif "bf16" in config.precisions:
+        network = aoti.Bfloat16Network(inputs.model)
+        jobs.append(job(bf16, "bf16", ImageClassifier(network, inputs.source.preprocess, config.softmax).eval()))
+    if "int8" in config.precisions:
+        inputs.echo(f"{file_name(family.format, 'int8')} not written: rtk does not write int8 AOTInductor packages yet")
+    return jobs
+
+
 WRITERS: dict[str, Callable[[ExportInputs, ArtifactFormat], list[Job]]] = {
     "onnx": _onnx_jobs,
     "any-size": _any_size_jobs,
     "openvino": _openvino_jobs,
     "torchscript": _archive_jobs(write_torchscript, "torch.jit.trace"),
     "pt2": _archive_jobs(write_pt2, "torch.export"),
+    "aoti": _aoti_jobs,
 }
 
 

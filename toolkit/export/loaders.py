@@ -1,7 +1,8 @@
 """Loading the torch artifacts export writes (TorchScript, torch.export .pt2) with no code from the file run:
 a TorchScript archive through TorchScript's own unpickler, a .pt2 archive only after every member and shape
-expression is checked and with pickling refused. Export reloads what it wrote through these; the torch
-runners load through them too, so what verify runs is what export checked."""
+expression is checked and with pickling refused. An AOTInductor package is the exception: it is native code,
+loaded (after its archive is checked) only where the caller allows native code. Export reloads what it wrote
+through these; the torch runners load through them too, so what verify runs is what export checked."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import ArtifactBroken, first_line
+from toolkit.errors import ArtifactBroken, RtkError, first_line
 
 
 def _torch():
@@ -200,3 +201,132 @@ def archive_extra(path: Path, name: str, max_bytes: int = 1 << 20) -> str | None
             return archive.read(found[0]).decode("utf-8")
     except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError) as exc:
         raise ArtifactBroken(f"{path.name}: cannot read extra/{name}: {first_line(exc)}") from None
+
+
+# ---------------------------------------------------------------- AOTInductor packages: native code, checked first
+
+AOTI_MAX_BYTES = 8 << 30  # the declared size of all members: a resnet152 package at 224 px is ~250 MB
+AOTI_METADATA_MAX_BYTES = 1 << 20
+AOTI_MAX_BATCH = 65536  # the batch bound the package was exported with (toolkit.export.aoti.MAX_BATCH)
+# What AOTInductor writes into a package, relative to its one top folder: the archive's own records, and per
+# compiled model the library, its sources and metadata (rtk embeds a CUDA package's kernels in its library).
+_AOTI_RECORDS = frozenset({"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"})
+_AOTI_MODEL = re.compile(r"data/aotinductor/model/[a-z0-9]{1,128}\.(wrapper\.so|wrapper\.cpp|kernel\.cpp|"
+                         r"wrapper_metadata\.json|kernel_metadata\.json)")
+
+
+def _aoti_member(path: Path, info: zipfile.ZipInfo, top: str) -> str:
+    """The member's kind (the suffix _AOTI_MODEL matched, or "record"); ArtifactBroken for a name that is not
+    relative, leaves the package's folder, is a link or a folder, or is not something AOTInductor writes."""
+    import stat
+
+    name = info.filename
+    parts = name.split("/")
+    if (name.startswith(("/", "\\")) or "\\" in name or ":" in parts[0] or any(p in ("", ".", "..") for p in parts)
+            or stat.S_ISLNK(info.external_attr >> 16) or info.is_dir()):
+        raise ArtifactBroken(f"{path.name}: member {name[:120]!r} is not a plain file inside the package; refused "
+                             "before loading it")
+    rest = name[len(top) + 1:] if parts[0] == top else None
+    if rest in _AOTI_RECORDS:
+        return "record"
+    found = _AOTI_MODEL.fullmatch(rest or "")
+    if found is None:
+        raise ArtifactBroken(f"{path.name}: member {name[:120]!r} is not part of an AOTInductor package; refused "
+                             "before loading it")
+    return found.group(1)
+
+
+def check_aoti_package(path: Path, device: str | None = "cpu") -> dict[str, str]:
+    """Refuse (ArtifactBroken, one line) a package before any of its native code is loaded: not a zip, a member
+    outside the package or that AOTInductor does not write, more than AOTI_MAX_BYTES declared, a CRC that does
+    not match (one flipped byte in the library would run silently), other than one library, compiled for
+    `device` (None: any). Returns the package's metadata (rtk's keys and AOTInductor's), read from its json
+    member: verify reads the classes from it without loading the library."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactBroken(f"{path.name} is missing ({path})")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            top = infos[0].filename.split("/")[0] if infos else ""
+            kinds = [_aoti_member(path, info, top) for info in infos]
+            if sum(info.file_size for info in infos) > AOTI_MAX_BYTES:
+                raise ArtifactBroken(f"{path.name}: its members declare more than {AOTI_MAX_BYTES >> 30} GiB")
+            if kinds.count("wrapper.so") != 1 or kinds.count("wrapper_metadata.json") != 1:
+                raise ArtifactBroken(f"{path.name}: an AOTInductor package holds one compiled library and its "
+                                     f"metadata, this one {kinds.count('wrapper.so')} and "
+                                     f"{kinds.count('wrapper_metadata.json')}")
+            bad = archive.testzip()
+            if bad is not None:
+                raise ArtifactBroken(f"{path.name}: member {bad} fails its CRC check (the file was changed)")
+            meta = _aoti_metadata(path, archive, infos[kinds.index("wrapper_metadata.json")])
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as exc:
+        raise ArtifactBroken(f"{path.name}: not a readable AOTInductor package: {first_line(exc)}") from None
+    compiled_for = meta.get("AOTI_DEVICE_KEY")
+    if device is not None and compiled_for != device.split(":")[0]:
+        raise ArtifactBroken(f"{path.name} is compiled for {compiled_for!r}, not for {device}")
+    return meta
+
+
+def _aoti_metadata(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict[str, str]:
+    if info.file_size > AOTI_METADATA_MAX_BYTES:
+        raise ArtifactBroken(f"{path.name}: {info.filename} declares {info.file_size} bytes, above {AOTI_METADATA_MAX_BYTES}")
+    try:
+        meta = json.loads(archive.read(info))
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactBroken(f"{path.name}: its metadata is not valid JSON: {first_line(exc)}") from None
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ArtifactBroken(f"{path.name}: its metadata is not an object of strings")
+    return meta
+
+
+def _same_device(a: Any, b: Any) -> bool:
+    a, b = _torch().device(a), _torch().device(b)
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+class CheckedPackage:
+    """A loaded AOTInductor package behind a check of every input: the compiled code takes the shape, dtype
+    and device it was compiled for on trust (it reads out of bounds otherwise), so anything else is refused
+    here in one line. Stands in for a module: `.to()` (its own device only) and `.eval()`."""
+
+    def __init__(self, package: Any, name: str, crop_size: int, device: str) -> None:
+        self.package, self.name, self.crop_size, self.device = package, name, crop_size, device
+
+    def to(self, device: Any = None, **kwargs: Any) -> CheckedPackage:
+        if device is not None and not _same_device(device, self.device):
+            raise ArtifactBroken(f"{self.name} is compiled for {self.device}, not for {device}")
+        return self
+
+    def eval(self) -> CheckedPackage:
+        return self
+
+    def __call__(self, image: Any) -> Any:
+        """The package's outputs (on its device) for uint8 [N, S, S, 3] images, moved to its device first."""
+        torch, s = _torch(), self.crop_size
+        shape = tuple(getattr(image, "shape", ()))
+        if (not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 4
+                or shape[1:] != (s, s, 3) or not 1 <= shape[0] <= AOTI_MAX_BATCH):
+            got = f"{getattr(image, 'dtype', type(image).__name__)} {list(shape)}"
+            raise RtkError(f"{self.name} takes uint8 [N, {s}, {s}, 3] (N 1 to {AOTI_MAX_BATCH}), got {got}")
+        return self.package(image.to(self.device).contiguous())
+
+
+def load_aoti(path: Path, device: str | None = None) -> CheckedPackage:
+    """An AOTInductor package on `device` (None: the device it was compiled for), loaded (its library
+    dlopened: native code runs) only after `check_aoti_package` passed, and wrapped so that it only ever gets
+    the input it was compiled for. Whether native code may be loaded at all is the caller's decision
+    (registry.plan's gate; export's own reload check loads what it compiled itself)."""
+    path = Path(path)
+    meta = check_aoti_package(path, device)
+    device = meta.get("AOTI_DEVICE_KEY", "cpu") if device is None else device
+    device = "cuda:0" if device == "cuda" else device
+    try:
+        crop_size = int(json.loads(meta["preprocess"])["crop_size"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ArtifactBroken(f"{path.name}: its metadata has no preprocessing crop size ({first_line(exc)})") from None
+    index = int(device.split(":")[1]) if ":" in device else -1
+    package = _load_file(lambda: _torch()._inductor.aoti_load_package(str(path), device_index=index), path,
+                         "aoti_load_package")
+    return CheckedPackage(package, path.name, crop_size, device)
+

@@ -22,6 +22,9 @@ class RunOptions:
     profile_placement: bool = True
     # session settings beside the runtime row's (rtk optimize's variants, such as a graph level): (field, value)
     session: tuple[tuple[str, Any], ...] = ()
+    # may a runtime load compiled native code (an AOTInductor package)? --allow-native-code, or a bundle whose
+    # signature a --trust key checked; otherwise such a runtime is Skipped, saying so (registry.plan)
+    native_code: bool = False
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 A row says the runtime's device, which bundle files it runs, the precision it runs them at, how to
 build its runner, why it cannot exist here, and whether `rtk verify` runs it by default. Which engine
 runs a bundle file comes from its format's row in `toolkit.core.formats`: a torch archive format runs
-on the `torch_file_runtimes` of its engine, loaded by the row's loader.
+on the `torch_file_runtimes` of its engine, loaded by the row's loader. A row marked `native_code` (an
+AOTInductor package is a compiled library) runs only where the stage's RunOptions allow native code.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ Reference = Callable[[], tuple[Any, Any]]  # () -> (eager model, PreprocessSpec)
 class RuntimeSpec:
     name: str
     device: str  # cpu | cuda
-    family: str  # eager, or the engine of core.formats: onnxruntime | openvino | torch.jit | torch.export
+    family: str  # eager, or the engine of core.formats: onnxruntime | openvino | torch.jit | torch.export | torch.aoti
     describes: str  # what it runs, for messages and docs
     accepts: Accepts | None  # None: runs the checkpoint (eager), not a bundle file
     build: Callable[[RuntimeSpec, str, Path, FileEntry | None, RunOptions, Reference], Runner]
@@ -39,6 +40,7 @@ class RuntimeSpec:
     unavailable: Callable[[], str | None] = lambda: None
     verify_default: bool = True
     session: dict[str, Any] | None = None  # a serving engine's session settings beside threads (engine, device, ...)
+    native_code: bool = False  # loading its files runs native code from them: only with RunOptions.native_code
 
 
 # ---------------------------------------------------------------- what each family accepts
@@ -70,6 +72,12 @@ def _openvino_files(*precisions: str, any_size: bool = True) -> Accepts:
     return accepts
 
 
+def _compiled_for(device: str) -> Accepts:
+    """AOTInductor packages compiled for `device` (their manifest entry's `device`): a package runs only there."""
+    aoti = _engine("torch.aoti")
+    return lambda name, entry: aoti(name, entry) and entry.get("device", "cpu") == device
+
+
 def _engine(engine: str) -> Accepts:
     """The files whose format (toolkit.core.formats) runs on `engine`; a format rtk does not know runs on none."""
     return lambda name, entry: entry.format in BY_FORMAT and BY_FORMAT[entry.format].engine == engine
@@ -82,6 +90,14 @@ def _cuda() -> str | None:
     from toolkit.evaluation.runners.torch_runner import cuda_problem
 
     return cuda_problem()
+
+
+def _compiler(device: str) -> Callable[[], str | None]:
+    def problem() -> str | None:
+        from toolkit.evaluation.runners.torch_runner import compile_problem
+
+        return compile_problem(device)
+    return problem
 
 
 def _no_fast_bf16() -> str | None:
@@ -100,7 +116,8 @@ def _eager(spec: RuntimeSpec, name, path, entry, options: RunOptions, reference:
 
     autocast = spec.precision if spec.precision in ("bf16", "fp16") else None
     return TorchModuleRunner(spec.name, "checkpoint", spec.precision or "fp32", options, device=spec.device,
-                             autocast=autocast, module_factory=lambda: eager_module(*reference()))
+                             autocast=autocast, module_factory=lambda: eager_module(*reference()),
+                             compile=spec.family == "torch.compile")
 
 
 def _torch_file(spec: RuntimeSpec, name, path, entry, options, reference) -> Runner:
@@ -118,6 +135,12 @@ def torch_file_runtimes(name: str, engine: str) -> tuple[RuntimeSpec, RuntimeSpe
     describes = ", ".join(n for row in FORMAT_ROWS if row.engine == engine for n in row.names)
     return (RuntimeSpec(name, "cpu", engine, describes, _engine(engine), _torch_file),
             RuntimeSpec(f"{name}-cuda", "cuda", engine, describes, _engine(engine), _torch_file, unavailable=_cuda))
+
+
+def native_code_refused(name: str) -> str:
+    """Why a file of compiled native code is not loaded, and both ways to allow it."""
+    return (f"{name} is compiled native code (loading it runs it): pass --allow-native-code, or --trust KEY "
+            "for a bundle signed by a key you trust")
 
 
 def session_settings(spec: RuntimeSpec, entry: FileEntry, options: RunOptions, bundle_root: Path) -> SessionSettings:
@@ -139,6 +162,7 @@ def _session(spec: RuntimeSpec, name, path, entry, options, reference) -> Runner
                          io_binding=spec.name == "ort-cuda-iobinding")
 
 
+_COMPILED = "checkpoint fp32 under torch.compile (Inductor, default mode); compiled on the first call"
 ROWS = (
     RuntimeSpec("eager", "cpu", "eager", "checkpoint fp32", None, _eager),
     RuntimeSpec("eager-bf16", "cpu", "eager", "checkpoint, bf16 autocast, channels_last", None, _eager, "bf16",
@@ -146,8 +170,18 @@ ROWS = (
     RuntimeSpec("eager-cuda", "cuda", "eager", "checkpoint fp32", None, _eager, unavailable=_cuda),
     RuntimeSpec("eager-fp16", "cuda", "eager", "checkpoint, fp16 autocast, channels_last", None, _eager, "fp16",
                 _cuda),
+    # the eager model under torch.compile: it compiles on its first call (tens of seconds on a small CPU), so
+    # verify runs it only when named
+    RuntimeSpec("torch-compile", "cpu", "torch.compile", _COMPILED, None, _eager, unavailable=_compiler("cpu"),
+                verify_default=False),
+    RuntimeSpec("torch-compile-cuda", "cuda", "torch.compile", _COMPILED, None, _eager,
+                unavailable=_compiler("cuda"), verify_default=False),
     *torch_file_runtimes("torchscript", "torch.jit"),
     *torch_file_runtimes("torch-export", "torch.export"),
+    RuntimeSpec("aoti", "cpu", "torch.aoti", "model.aoti.pt2, model.aoti-bf16.pt2 (compiled native code)",
+                _compiled_for("cpu"), _torch_file, native_code=True),
+    RuntimeSpec("aoti-cuda", "cuda", "torch.aoti", "model.aoti-cuda.pt2 (compiled native code)", _compiled_for("cuda"),
+                _torch_file, unavailable=_cuda, native_code=True),
     RuntimeSpec("ort-cpu", "cpu", "onnxruntime", "every ONNX file", _onnx("fp32", "fp16", "int8"), _session,
                 unavailable=_provider("CPUExecutionProvider", False), session={"device": "cpu"}),
     RuntimeSpec("ort-cuda", "cuda", "onnxruntime", "fp32 and fp16 ONNX files", _onnx("fp32", "fp16", plain=True), _session,
@@ -188,8 +222,9 @@ def runtimes_on(device: str | None, among: tuple[str, ...] | list[str] | None = 
 
 def plan(bundle: Bundle, runtimes: list[str] | None, reference: Reference, options: RunOptions) -> list[Planned]:
     """One entry per (runtime, artifact) asked for: a Runner to load, Skipped (the runtime cannot exist
-    here) or Failed (the file is not what the manifest describes). `reference()` gives (model, spec);
-    each eager runner copies the model when it loads."""
+    here, or its file is native code `options` does not allow) or Failed (the file is not what the manifest
+    describes: integrity comes first). `reference()` gives (model, spec); each eager runner copies the model
+    when it loads."""
     rows = [runtime(r) for r in (runtimes or REGISTRY)]
     entries: list[Planned] = []
     for row in rows:
@@ -208,6 +243,8 @@ def plan(bundle: Bundle, runtimes: list[str] | None, reference: Reference, optio
                 entries.append(Failed(row.name, name, precision, broken))
             elif reason:
                 entries.append(Skipped(row.name, name, precision, reason))
+            elif row.native_code and not options.native_code:
+                entries.append(Skipped(row.name, name, precision, native_code_refused(name)))
             else:
                 entries.append(row.build(row, name, bundle.path(name), entry, options, reference))
     return entries
