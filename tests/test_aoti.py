@@ -276,3 +276,25 @@ def test_an_aoti_skip_is_what_benchmark_lists_too(aoti_bundle, no_native_load):
     assert result.exit_code == 2 and "--allow-native-code" in error_line(result)
     assert no_native_load == []
     assert isinstance(plan(Bundle.open(aoti_bundle), ["aoti"], lambda: None, RunOptions())[0], Skipped)
+
+
+def test_export_writes_pytorch_native_int8_that_verify_gates(tiny_run, tiny_data, tmp_path):
+    """--precision int8 adds model.aoti-int8.pt2 (PT2E, calibrated on the calibration images) beside the fp32
+    package; verify gates it against eager on labelled images like every int8 file."""
+    from toolkit.export.pt2e import pt2e_problem
+
+    if pt2e_problem():
+        pytest.skip(pt2e_problem())
+    out, report_path = tmp_path / "bundle", tmp_path / "report.json"
+    result = rtk("export", tiny_run / "checkpoint.pt", "--output", out, "--format", "aoti", "--precision", "fp32",
+                 "--precision", "int8", "--calibration-data", tiny_data / "train", "--no-verify")
+    assert result.exit_code == 0, result.output
+    entry = json.loads((out / "manifest.json").read_text())["files"]["model.aoti-int8.pt2"]
+    assert (entry["precision"], entry["device"], entry["quantization"]["quantizer"]) == ("int8", "cpu", "x86_inductor")
+    result = rtk("verify", out, "--images", tiny_data / "val", "--runtime", "aoti", "--allow-native-code",
+                 "--json", report_path)
+    records = {r["artifact"]: r for r in json.loads(report_path.read_text())["records"]}
+    assert set(records) == {PACKAGE, "model.aoti-int8.pt2"}, result.output
+    assert records["model.aoti-int8.pt2"]["precision"] == "int8"
+    assert records["model.aoti-int8.pt2"]["max_abs_diff"] > records[PACKAGE]["max_abs_diff"]  # it is int8 arithmetic
+    assert result.exit_code == 0 and all(r["passed"] for r in records.values()), result.output

@@ -420,8 +420,28 @@ def _aoti_jobs(inputs: ExportInputs, family: ArtifactFormat) -> list[Job]:
         network = aoti.Bfloat16Network(inputs.model)
         jobs.append(job(bf16, "bf16", ImageClassifier(network, inputs.source.preprocess, config.softmax).eval()))
     if "int8" in config.precisions:
-        inputs.echo(f"{file_name(family.format, 'int8')} not written: rtk does not write int8 AOTInductor packages yet")
+        jobs += _aoti_int8_jobs(inputs, family)
     return jobs
+
+
+def _aoti_int8_jobs(inputs: ExportInputs, family: ArtifactFormat) -> list[Job]:
+    """PyTorch's own int8: PT2E with torchao's x86 Inductor quantizer, calibrated on the calibration crops,
+    compiled by AOTInductor with freezing (which turns the q/dq pairs into int8 kernels); CPU only."""
+    from toolkit.export import aoti, pt2e
+
+    name = file_name(family.format, "int8")
+    problem = pt2e.pt2e_problem() or (None if inputs.crops is not None else "it needs --calibration-data")
+    if problem:
+        inputs.echo(f"{name} not written: {problem}")
+        return []
+    recipe = pt2e.Pt2eRecipe()
+
+    def write(path: Path, meta: dict[str, str]) -> None:
+        aoti.compile_package(pt2e.quantized_program(inputs.module, inputs.example, inputs.crops, recipe=recipe),
+                             path, meta)
+
+    return [Job(name, family, "int8", write, "torch.export + torchao PT2E (X86InductorQuantizer) + AOTInductor",
+                extra=lambda p: {"device": "cpu", "quantization": asdict(recipe)})]
 
 
 WRITERS: dict[str, Callable[[ExportInputs, ArtifactFormat], list[Job]]] = {

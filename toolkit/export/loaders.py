@@ -211,8 +211,9 @@ AOTI_MAX_BATCH = 65536  # the batch bound the package was exported with (toolkit
 # What AOTInductor writes into a package, relative to its one top folder: the archive's own records, and per
 # compiled model the library, its sources and metadata (rtk embeds a CUDA package's kernels in its library).
 _AOTI_RECORDS = frozenset({"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"})
+# wrapper.json: the extern kernel calls (by op name, e.g. oneDNN's int8 convolutions) an int8 package makes
 _AOTI_MODEL = re.compile(r"data/aotinductor/model/[a-z0-9]{1,128}\.(wrapper\.so|wrapper\.cpp|kernel\.cpp|"
-                         r"wrapper_metadata\.json|kernel_metadata\.json)")
+                         r"wrapper\.json|wrapper_metadata\.json|kernel_metadata\.json)")
 
 
 def _aoti_member(path: Path, info: zipfile.ZipInfo, top: str) -> str:
