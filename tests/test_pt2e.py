@@ -208,7 +208,7 @@ def test_bad_crops_refused(fp32, example, crops, message):
         pt2e.quantized_program(fp32, example, crops)
 
 
-@pytest.mark.parametrize("version, message", [(None, "not installed"), ("0.9.0", ">= 0.15, this is 0.9.0")])
+@pytest.mark.parametrize("version, message", [(None, "not installed"), ("0.9.0", ">= 0.18, this is 0.9.0")])
 def test_problem_names_the_fix(monkeypatch, version, message):
     def fake_version(name: str) -> str:
         if version is None:

@@ -23,10 +23,9 @@ from torch import nn
 
 from toolkit.errors import RtkError
 
-# torchao 0.15 is the oldest release whose pt2e API is the one used here: prepare_pt2e/convert_pt2e in
-# torchao.quantization.pt2e.quantize_pt2e and X86InductorQuantizer in its quantizer package (torch 2.14 no
-# longer ships torch.ao.quantization.quantize_pt2e).
-MIN_TORCHAO = (0, 15)
+# torchao 0.18 is the oldest release that works with torch 2.14 (which no longer ships
+# torch.ao.quantization.quantize_pt2e): measured, 0.15 fails at import, 0.16 and 0.17 in convert_pt2e.
+MIN_TORCHAO = (0, 18)
 INSTALL_HINT = "pip install -e '.[torch-int8]'"
 CALIBRATION_BATCH = 8
 # what Inductor needs to turn the q/dq pairs into int8 kernels (it constant-folds the quantised weights)
