@@ -298,3 +298,32 @@ def test_export_writes_pytorch_native_int8_that_verify_gates(tiny_run, tiny_data
     assert records["model.aoti-int8.pt2"]["precision"] == "int8"
     assert records["model.aoti-int8.pt2"]["max_abs_diff"] > records[PACKAGE]["max_abs_diff"]  # it is int8 arithmetic
     assert result.exit_code == 0 and all(r["passed"] for r in records.values()), result.output
+
+
+def test_optimize_builds_the_packages_the_bundle_lacks(aoti_bundle, tmp_path, monkeypatch):
+    """`rtk optimize --allow-native-code` adds the packages a bundle lacks with export's writer and checks (the
+    batch check loads each); the compile is the fixture's, copied, so this test adds no compile time."""
+    from toolkit.evaluation import optimize
+    from toolkit.export import aoti
+    from toolkit.training.checkpoint import source_from_manifest
+
+    bundle_dir = _copy(aoti_bundle, tmp_path / "b")
+    (bundle_dir / PACKAGE).unlink()
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    del manifest["files"][PACKAGE]
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    compiled = []
+    monkeypatch.setattr(aoti, "write_aoti", lambda module, example, path, meta, device="cpu":
+                        compiled.append(device) or shutil.copyfile(aoti_bundle / PACKAGE, path))
+    bundle = Bundle.open(bundle_dir)
+    model, spec = source_from_manifest(bundle.manifest)
+    lines: list[str] = []
+    assert optimize.build_native(bundle, model, None, tmp_path, lines.append, precisions=("fp32",)) == [PACKAGE]
+    assert compiled == ["cpu"] and any(line.startswith(f"built {PACKAGE} (torch.export + AOTInductor") for line in lines)
+    entry = json.loads((bundle_dir / "manifest.json").read_text())["files"][PACKAGE]
+    assert (entry["format"], entry["precision"], entry["device"]) == ("aoti", "fp32", "cpu")
+    assert Bundle.open(bundle_dir).integrity_problem(PACKAGE) is None
+    assert not list(bundle_dir.glob(".rtk-add-*"))  # the staging folder is gone
+    runners = [e for e in optimize.candidates(bundle, lambda: (model, spec), 1, native_code=True) if e.runtime == "aoti"]
+    assert [(e.artifact, isinstance(e, Runner)) for e in runners] == [(PACKAGE, True)]
+    assert optimize.build_native(bundle, model, None, tmp_path, lines.append, precisions=("fp32",)) == []  # nothing lacking

@@ -74,7 +74,11 @@ def test_config_validation():
     assert BenchConfig(cuda_graph=True, batch_sizes=(8,)).cuda_graph
 
 
-def test_benchmark_structure_percentiles_skips_and_threads(tiny_bundle, tmp_path):
+def test_benchmark_structure_percentiles_skips_and_threads(tiny_bundle, tmp_path, monkeypatch):
+    from toolkit.evaluation.runners import torch_runner
+
+    # torch-compile is timed in tests/test_torch_compile.py; here its compile would be most of the test's time
+    monkeypatch.setattr(torch_runner, "compile_problem", lambda device: "not compiled in this test")
     bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", "model.int8.onnx", "model.ts"))
     result = rtk("benchmark", bundle, *FAST, "--batch-size", "1", "--batch-size", "4", "--threads", "1",
                  "--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv", "--markdown", tmp_path / "r.md")
@@ -236,3 +240,33 @@ def test_the_rounds_run_in_a_new_order_each_time(monkeypatch):
     per_round = [pairs[i * 6:(i + 1) * 6] for i in range(4)]
     assert len({tuple(r) for r in per_round}) > 1  # shuffled: not the same order every round
     assert all(sorted(r) == sorted(per_round[0]) for r in per_round)  # every pair in every round
+
+
+def test_artifact_filter_and_the_recommendation_marked(tiny_bundle, tmp_path):
+    from toolkit.core.manifest import Recommendation
+    from toolkit.serving.sessions import SessionSettings
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", "model.int8.onnx"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    session = SessionSettings(threads=2).trimmed().to_dict()  # every field, as rtk optimize writes it
+    manifest["recommended"] = Recommendation(runtime="ort-cpu", artifact="model.int8.onnx", precision="int8", threads=2,
+                                             settings="2 threads, graph all", session=session).to_dict()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    result = rtk("benchmark", bundle, *FAST, "--runtime", "eager", "--runtime", "ort-cpu", "--artifact", "model.int8.onnx",
+                 "--batch-size", "1", "--threads", "1", "--json", tmp_path / "r.json", "--markdown", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert {(r["runtime"], r["artifact"]) for r in rows} == {("eager", "checkpoint"), ("ort-cpu", "model.int8.onnx")}
+    assert [r["runtime"] for r in rows if r.get("recommended")] == ["ort-cpu"]
+    text = (tmp_path / "r.md").read_text()
+    assert "| ort-cpu (recommended) | model.int8.onnx |" in text and "| eager | checkpoint |" in text
+    # a recommended session variant (optimize's graph levels, OpenVINO's static batch) is timed beside the default
+    manifest["recommended"]["session"]["graph_optimization"] = "basic"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert rtk("benchmark", bundle, *FAST, "--runtime", "ort-cpu", "--artifact", "model.int8.onnx", "--batch-size", "1",
+               "--threads", "1", "--json", tmp_path / "s.json").exit_code == 0
+    rows = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert sorted((r["session"]["graph_optimization"], r["recommended"]) for r in rows) == [("all", False), ("basic", True)]
+    assert all(r["threads"] == 1 for r in rows)  # the stage's threads, not the recommendation's
+    missing = rtk("benchmark", bundle, *FAST, "--artifact", "model.ts")
+    assert missing.exit_code == 2 and "--artifact model.ts: not in the bundle" in error_line(missing)

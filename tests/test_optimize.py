@@ -68,8 +68,9 @@ def test_nncf_int8_ir_is_built_verified_and_servable(optimized):
     bundle, report = optimized
     entry = json.loads((bundle / "manifest.json").read_text())["files"][IR_INT8]
     assert entry["format"] == "openvino" and entry["precision"] == "int8" and entry["weights"]["file"] == "model.openvino-int8.bin"
-    [row] = [r for r in report["candidates"] if r["artifact"] == IR_INT8]
-    assert row["runtime"] == "openvino" and row["status"] in ("passed", "failed verification")
+    rows = [r for r in report["candidates"] if r["artifact"] == IR_INT8]
+    assert sorted(r["settings"] for r in rows) == ["1 threads, precision f32", "1 threads, precision f32, static batch"]
+    assert all(r["runtime"] == "openvino" and r["status"] in ("passed", "failed verification") for r in rows)
     with np.load(bundle / "selftest.npz") as data:
         assert f"openvino:{IR_INT8}" in data.files
 
@@ -163,6 +164,18 @@ def test_recommendation_is_the_fastest_passing_candidate(optimized):
     text = format_table(report)
     assert text.splitlines()[1].split()[0] == "1" and "recommended:" in text
     assert "FAIL: top1_agreement" in text
+
+
+def test_the_recommendation_is_compared_with_the_fastest_pytorch_native_candidate(optimized):
+    _, report = optimized
+    native = [r for r in report["candidates"] if r["status"] == "passed"
+              and r["runtime"] in ("eager", "eager-bf16", "torch-compile", "torchscript", "torch-export", "aoti")]
+    fastest = min(native, key=lambda r: r["b1"]["p50_ms"])
+    assert report["pytorch_native"] == f"{fastest['runtime']} on {fastest['artifact']}"
+    rec = report["recommended"]
+    assert rec["speedup_vs_pytorch_native"] == pytest.approx(fastest["b1"]["p50_ms"] / rec["p50_ms"])
+    assert rec["speedup_vs_pytorch_native"] >= 1.0  # it is the fastest of all that passed, these included
+    assert f"the fastest PyTorch-native ({report['pytorch_native']})" in format_table(report)
 
 
 def test_classifier_serves_the_recommended_onnx_artifact(tiny_bundle, tmp_path):

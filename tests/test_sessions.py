@@ -140,3 +140,33 @@ def test_an_engine_row_reaches_the_runners_and_optimize_candidates(tiny_bundle, 
     finally:
         runner.release()
     assert registry.plan(bundle, ["echo"], lambda: None, RunOptions())[0].settings == SessionSettings(engine="echo")
+
+
+# ---------------------------------------------------------------- OpenVINO's static batch buckets
+
+
+def test_batch_buckets():
+    assert [sessions.bucket_of(b) for b in (1, 2, 3, 5, 8, 9, 128, 129)] == [1, 2, 4, 8, 8, 16, 128, 128]
+
+
+def test_openvino_static_batch_matches_the_dynamic_model_at_every_batch(tiny_bundle):
+    pytest.importorskip("openvino")
+    from toolkit.serving.sessions import open_openvino
+
+    path = tiny_bundle / "model.onnx"
+    dynamic = open_openvino(path, SessionSettings(engine="openvino", threads=1))
+    static = open_openvino(path, SessionSettings(engine="openvino", threads=1, static_batch=True))
+    assert sessions.describe(static.settings) == "precision f32, static batch"
+    side = dynamic.input_shape[1]
+    rng = np.random.default_rng(0)
+    for batch in (1, 3, 8, 130):  # exact buckets, a padded one, and more than the largest bucket (two chunks)
+        images = rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8)
+        want, got = dynamic.run_all(images), static.run_all(images)
+        assert [g.shape for g in got] == [w.shape for w in want] and got[0].shape[0] == batch
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+        assert static.run(images).dtype == np.float32
+    assert static.details()["static_batches"] == [1, 2, 4, 8, 128]  # once per bucket used (130 = 128 + 2)
+    first = static.run(images[:1])
+    static.run(images[:2])[0][0] = 1e9  # a caller's change to a result is not seen by the next call
+    np.testing.assert_array_equal(static.run(images[:1]), first)

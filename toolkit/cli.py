@@ -329,6 +329,8 @@ def _report(report: dict, text: str, json_path: Path | None, failure) -> None:
 @main.command("benchmark")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--runtime", "runtimes", multiple=True, help="Repeatable [every runtime available here].")
+@click.option("--artifact", "artifacts", multiple=True,
+              help="Only this bundle file (repeatable) [all]; the checkpoint's runtimes (eager, torch-compile) always run.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Only the runtimes on this device (those unavailable here are listed as skipped).")
 @click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Repeatable [1 and 8].")
@@ -347,7 +349,7 @@ def _report(report: dict, text: str, json_path: Path | None, failure) -> None:
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None)
 @native_code_option
-def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], device: str | None, batch_sizes: tuple[int, ...], warmup: int, iterations: int,
+def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], artifacts: tuple[str, ...], device: str | None, batch_sizes: tuple[int, ...], warmup: int, iterations: int,
                   min_seconds: float, threads: int | None, sweep: bool, cuda_graph: bool, interleave: bool, rounds: int,
                   any_size_input: str,
                   json_path: Path | None,
@@ -361,7 +363,7 @@ def benchmark_cmd(bundle: Path, runtimes: tuple[str, ...], device: str | None, b
     config = BenchConfig(runtimes=runtimes or None, device=device, batch_sizes=batch_sizes or (1, 8), warmup=warmup,
                          iterations=iterations, min_seconds=min_seconds, threads=threads, sweep=sweep, cuda_graph=cuda_graph,
                          any_size_input=_width_height(any_size_input), interleave=interleave, rounds=rounds,
-                         allow_native_code=allow_native_code)
+                         allow_native_code=allow_native_code, artifacts=artifacts or None)
     report = run_benchmark(bundle, config, echo=click.echo)
     click.echo("")
     click.echo(table(report))
@@ -589,9 +591,11 @@ def sign_cmd(bundle: Path, key: Path, password_env: str | None) -> None:
 @click.option("--epochs", default=8, show_default=True)
 @click.option("--image-size", default=32, show_default=True, help="Side of the digits images and of the crop.")
 @click.option("--min-seconds", default=1.0, show_default=True, help="Benchmark time per runtime and batch size.")
-def demo_cmd(output: Path, arch: str, epochs: int, image_size: int, min_seconds: float) -> None:
+@click.option("--native-code/--no-native-code", default=True, show_default=True,
+              help="Also compile AOTInductor packages and load them (the demo's own compile) in verify and benchmark.")
+def demo_cmd(output: Path, arch: str, epochs: int, image_size: int, min_seconds: float, native_code: bool) -> None:
     """The whole pipeline on the built-in digits: data, train, export, verify, benchmark, predict, report."""
     from toolkit.evaluation.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(output=output, arch=arch, epochs=epochs, image_size=image_size, min_seconds=min_seconds),
-             cli=main, echo=click.echo)
+    run_demo(DemoConfig(output=output, arch=arch, epochs=epochs, image_size=image_size, min_seconds=min_seconds,
+                        native_code=native_code), cli=main, echo=click.echo)

@@ -126,6 +126,8 @@ class Recommendation:
     cpu: dict[str, Any] | None = None  # the CPU it was chosen on (CpuInfo.to_dict()): another CPU optimizes again
     speedup_vs_onnxruntime_default: float | None = None
     speedup_vs_openvino_default: float | None = None
+    # over the fastest verified PyTorch-native runner (eager, torch.compile, TorchScript, torch.export, AOTInductor)
+    speedup_vs_pytorch_native: float | None = None
     batch_size: int = 1  # the batch size the figures are for (optimize's first)
     p50_ms: float | None = None
     speedup_vs_eager: float | None = None
@@ -136,7 +138,7 @@ class Recommendation:
     TYPES = {"runtime": str, "artifact": str, "precision": str, "device": str, "threads": (int, type(None)),
              "settings": str, "session": (dict, type(None)), "cpu": (dict, type(None)),
              "speedup_vs_onnxruntime_default": OPTIONAL_NUMBER, "speedup_vs_openvino_default": OPTIONAL_NUMBER,
-             "batch_size": int, "p50_ms": OPTIONAL_NUMBER, "speedup_vs_eager": OPTIONAL_NUMBER,
+             "speedup_vs_pytorch_native": OPTIONAL_NUMBER, "batch_size": int, "p50_ms": OPTIONAL_NUMBER, "speedup_vs_eager": OPTIONAL_NUMBER,
              "speedup_vs_eager_spread": OPTIONAL_NUMBER, "accuracy_change_points": OPTIONAL_NUMBER,
              "accuracy_interval_points": (list, type(None))}
     REQUIRED = ("runtime", "artifact", "precision")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class BenchConfig:
     interleave: bool = True
     rounds: int = 10
     allow_native_code: bool = False  # load AOTInductor packages (compiled native code)
+    artifacts: tuple[str, ...] | None = None  # only these bundle files (the checkpoint's runtimes always run)
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -116,11 +117,13 @@ def run_benchmark(bundle_path: str | Path, config: BenchConfig, echo: Callable[[
     if later:
         results.extend(interleaved(later, config, echo))
     add_speedups(results)
+    mark_recommended(results, bundle.manifest.recommended)
     env = environment()
     env["threads"] = {"requested": threads, "torch": torch.get_num_threads(), "onnxruntime_intra_op": threads,
                       "onnxruntime_inter_op": 1}
     return {"environment": env, "config": asdict(config), "bundle": str(bundle.root),
             "arch": bundle.manifest.arch, "image_size": bundle.manifest.preprocess.crop_size, "results": results,
+            "recommended": bundle.manifest.recommended.to_dict() if bundle.manifest.recommended else None,
             "passed": not any(r.get("failed") for r in results)}
 
 
@@ -131,10 +134,59 @@ def _entries(bundle: Bundle, config: BenchConfig, threads: int) -> list[Any]:
 
     options = RunOptions(threads=threads, tf32=False, cuda_graph=config.cuda_graph, native_code=config.allow_native_code)
     named = list(config.runtimes) if config.runtimes else None
-    entries = plan(bundle, runtimes_on(config.device, named) if config.device else named,
-                   lambda: (source_from_manifest(bundle.manifest)[0], bundle.manifest.preprocess), options)
+
+    def reference():
+        return source_from_manifest(bundle.manifest)[0], bundle.manifest.preprocess
+
+    entries = plan(bundle, runtimes_on(config.device, named) if config.device else named, reference, options)
     require_named(entries, named)
-    return entries
+    entries += _recommended_variant(bundle, config, options, reference)
+    if config.artifacts is None:
+        return entries
+    missing = sorted(set(config.artifacts) - set(bundle.files))
+    if missing:
+        raise RtkError(f"--artifact {', '.join(missing)}: not in the bundle (it has {', '.join(bundle.files)})")
+    return [e for e in entries if e.artifact == "checkpoint" or e.artifact in config.artifacts]
+
+
+def _recommended_variant(bundle: Bundle, config: BenchConfig, options, reference) -> list[Any]:
+    """The runner `rtk optimize` recommended, when its session is one of its engine's variants (not the
+    runtime's default session, which the plan already has): so the recommendation is timed with the rest."""
+    from toolkit.evaluation.runners import plan
+
+    rec = bundle.manifest.recommended
+    if rec is None or rec.session is None or config.device not in (None, rec.device):
+        return []
+    if config.runtimes and rec.runtime not in config.runtimes:
+        return []
+    # the engine's own settings; the stage sets threads, TF32, CUDA graphs and the TensorRT cache itself
+    stage = ("engine", "device", "threads", "tf32", "cuda_graph", "trt_cache")
+    variant = tuple((k, v) for k, v in rec.session.items() if k not in stage)
+    entries = [e for e in plan(bundle, [rec.runtime], reference, replace(options, session=variant))
+               if e.artifact == rec.artifact]
+    default = [e for e in plan(bundle, [rec.runtime], reference, options) if e.artifact == rec.artifact]
+    same = [getattr(e, "settings", None) for e in default] == [getattr(e, "settings", None) for e in entries]
+    return [] if same else entries
+
+
+def mark_recommended(results: list[dict[str, Any]], recommended) -> None:
+    """Flag the records of the runner `rtk optimize` recommended (the same runtime, file and session, threads
+    aside): the table marks them, so a reader sees the recommendation among every runtime of one run."""
+    if recommended is None:
+        return
+    wanted = _session_key(recommended.session)
+    for r in results:
+        if (r["runtime"], r["artifact"]) == (recommended.runtime, recommended.artifact) and not r["skipped"]:
+            r["recommended"] = _session_key(r.get("session")) == wanted
+
+
+def _session_key(session: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A session's settings as one engine reads them, threads aside (a record may leave defaults out)."""
+    from toolkit.serving.sessions import SessionSettings
+
+    if session is None:
+        return None
+    return SessionSettings.from_dict({**session, "threads": None}).trimmed().to_dict()
 
 
 @dataclass(frozen=True)
@@ -177,7 +229,9 @@ def _measure(entry, bundle: Bundle, inputs: _BenchInputs, config: BenchConfig, t
         echo(f"{entry.runtime:<19} {entry.artifact:<16} FAILED: {first_line(exc)}")
         return [{**base, "skipped": False, "failed": True, "reason": f"{entry.artifact}: {first_line(exc)}"}]
     cold = entry.load_seconds + time.perf_counter() - start
-    measured = {**base, "cold_start_s": cold, "threads": threads, "skipped": False, "failed": False}
+    settings = getattr(entry, "settings", None)  # a serving engine's session: what a recommendation names
+    measured = {**base, "cold_start_s": cold, "threads": threads, "skipped": False, "failed": False,
+                "session": settings.to_dict() if settings is not None else None}
     measured.update(_cuda_peak(entry, batches, config))
     measured.update(**entry.memory.to_dict(), details=dict(entry.details))
     records = []
@@ -314,7 +368,7 @@ def table(report: dict[str, Any], fmt: str = "text") -> str:
     rows = [r for r in report["results"] if "batch_size" in r]
     head = ["runtime", "artifact", "precision", "input", "batch", "mean ms", "p50 ms", "p90 ms", "p99 ms", "img/s",
             "vs eager", "ratio spread", "cv", "cold s", "peak RSS MB", "above baseline MB"]
-    body = [[r["runtime"], r["artifact"], r["precision"], r.get("input", "").split(" ")[0], str(r["batch_size"]), f"{r['mean_ms']:.2f}", f"{r['p50_ms']:.2f}",
+    body = [[r["runtime"] + (" (recommended)" if r.get("recommended") and fmt != "csv" else ""), r["artifact"], r["precision"], r.get("input", "").split(" ")[0], str(r["batch_size"]), f"{r['mean_ms']:.2f}", f"{r['p50_ms']:.2f}",
              f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['images_per_second']:.1f}",
              f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-",
              f"{100 * r['speedup_spread']:.1f}%" if r.get("speedup_spread") is not None else "-",
@@ -333,6 +387,10 @@ def table(report: dict[str, Any], fmt: str = "text") -> str:
             lines.append(f"{bullet}FAILED {r['runtime']} {r['artifact']}: {r['reason']}")
         elif r["skipped"]:
             lines.append(f"{bullet}skipped {r['runtime']} {r['artifact']}: {r['reason']}")
+    if any(r.get("recommended") for r in rows):
+        rec = report["recommended"]
+        lines.append(f"{bullet}(recommended): what `rtk optimize` recommended for this bundle, {rec['runtime']} on "
+                     f"{rec['artifact']} ({rec['settings']}): the same runtime, file and session settings")
     if any(r["unstable"] for r in rows):
         lines.append(f"{bullet}warning: figures marked ! have a coefficient of variation above {UNSTABLE_CV:.0%}: "
                      "rerun with more --min-seconds or on a quieter machine before quoting them")

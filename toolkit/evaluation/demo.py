@@ -36,6 +36,9 @@ class DemoConfig:
     batch_sizes: tuple[int, ...] = (1, 8)
     min_seconds: float = 1.0
     calibration_size: int = 200
+    # also compile AOTInductor packages (fp32, PT2E int8) and load them: the demo compiled them itself, in its
+    # export stage, so it passes --allow-native-code; a bundle from elsewhere needs --trust
+    native_code: bool = True
 
 
 @dataclass
@@ -110,16 +113,18 @@ def run_demo(config: DemoConfig, cli: click.Command, echo: Callable[[str], None]
     s = str(config.image_size)
     precisions = ["--precision", "fp32", "--precision", "int8"] + (["--precision", "fp16"] if gpu else [])
     bench = [a for b in config.batch_sizes for a in ("--batch-size", str(b))]
+    formats, native = _formats(config.native_code, echo)
     plan = [
         ("data", ["data", "digits", str(data), "--size", s]),
         ("train", ["train", str(data), "--output", str(train_dir), "--arch", config.arch, "--weights", "none",
                    "--image-size", s, "--resize-size", s, "--epochs", str(config.epochs), "--no-hflip", "--quiet"]),
-        ("export", ["export", str(train_dir / "checkpoint.pt"), "--output", str(bundle), *precisions,
+        ("export", ["export", str(train_dir / "checkpoint.pt"), "--output", str(bundle), *formats, *precisions,
                     "--calibration-data", str(data / "train"), "--calibration-size", str(config.calibration_size),
                     "--force", "--no-verify"]),
-        ("verify digits", ["verify", str(bundle), "--images", str(data / "val"), "--json", str(out / "verify-digits.json")]),
-        ("verify photos", ["verify", str(bundle), "--images", str(photos), "--json", str(out / "verify-photos.json")]),
-        ("benchmark", ["benchmark", str(bundle), *bench, "--min-seconds", str(config.min_seconds),
+        ("verify digits", ["verify", str(bundle), "--images", str(data / "val"), *native,
+                           "--json", str(out / "verify-digits.json")]),
+        ("verify photos", ["verify", str(bundle), "--images", str(photos), *native, "--json", str(out / "verify-photos.json")]),
+        ("benchmark", ["benchmark", str(bundle), *bench, "--min-seconds", str(config.min_seconds), *native,
                        "--json", str(out / "benchmark.json"), "--markdown", str(out / "benchmark.md")]),
         ("predict", ["predict", str(bundle), str(data / "val"), str(photos), "--json", "--top-k", "3"]),
     ]
@@ -140,6 +145,19 @@ def run_demo(config: DemoConfig, cli: click.Command, echo: Callable[[str], None]
     report = write_report(out, stages, time.perf_counter() - total)
     echo(f"\nreport: {report} and {report.with_suffix('.html')}")
     return report
+
+
+def _formats(native_code: bool, echo: Callable[[str], None]) -> tuple[list[str], list[str]]:
+    """Export's --format arguments (its defaults, and AOTInductor where native code is wanted and a C++
+    compiler is here) and the flag that lets verify and benchmark load the packages the demo compiled."""
+    from toolkit.core.formats import DEFAULT_FORMATS
+    from toolkit.evaluation.runners.torch_runner import compile_problem
+
+    problem = compile_problem("cpu") if native_code else None
+    if problem:
+        echo(f"AOTInductor left out: {problem}")
+    names = [*DEFAULT_FORMATS, *(["aoti"] if native_code and not problem else [])]
+    return [a for name in names for a in ("--format", name)], (["--allow-native-code"] if "aoti" in names else [])
 
 
 def _cuda_available() -> bool:
@@ -275,6 +293,7 @@ def write_report(out: Path, stages: list[Stage], total_seconds: float) -> Path:
             f"{digits['preprocess_max_abs_diff']:.2e}. Gates: fp32 allclose(atol={digits['gates']['atol']}, "
             f"rtol={digits['gates']['rtol']}) and 100% top-1; fp16 >= 99.5% top-1; int8 >= 97% top-1 and <= 1 pt accuracy drop."],
             commands=[shlex.join(by_name["verify digits"].command)], table=digits_rows),
+        *_native_code_note(manifest),
         Section("Parity: the two photos scikit-learn ships", [
             "Out-of-distribution for a digits model, but they exercise JPEG decoding, EXIF handling and the "
             "resize of a 640x427 image."], commands=[shlex.join(by_name["verify photos"].command)], table=photo_rows),
@@ -295,6 +314,18 @@ def write_report(out: Path, stages: list[Stage], total_seconds: float) -> Path:
     write_text(out / "report.md", "\n".join(md) + "\n")
     write_text(out / "report.html", _html(sections))
     return out / "report.md"
+
+
+def _native_code_note(manifest: Manifest) -> list[Section]:
+    """Why the demo may load its AOTInductor packages, when it wrote any."""
+    packages = [name for name, entry in manifest.files.items() if entry.format == "aoti"]
+    if not packages:
+        return []
+    return [Section("Compiled native code", [
+        f"{', '.join(packages)}: AOTInductor packages, shared libraries that run when loaded. rtk loads one only "
+        "with --allow-native-code or from a bundle signed by a key given to --trust. The demo compiled these itself, "
+        "in its export stage, so its verify and benchmark stages pass --allow-native-code; a bundle from anywhere "
+        "else should be signed (`rtk sign`) and checked with `--trust`."])]
 
 
 def _markdown(sec: Section) -> list[str]:

@@ -226,8 +226,9 @@ def update_selftest(bundle: Bundle, outputs: dict[str, Any]) -> None:
 
 
 def candidates(bundle: Bundle, reference, threads: int, native_code: bool = False):
-    """Every CPU runtime x artifact, plus each engine's session variants (onnxruntime's other graph levels)
-    on model.onnx, on that engine's CPU runtimes; AOTInductor packages only with `native_code`."""
+    """Every CPU runtime x artifact, plus each engine's session variants on that engine's CPU runtimes:
+    onnxruntime's other graph levels on model.onnx, OpenVINO's static batch on every file it runs;
+    AOTInductor packages only with `native_code`."""
     from toolkit.evaluation.runners import REGISTRY, RunOptions, plan, runtimes_on
 
     options = RunOptions(threads=threads, profile_placement=False, native_code=native_code)
@@ -236,9 +237,10 @@ def candidates(bundle: Bundle, reference, threads: int, native_code: bool = Fals
                if not bundle.any_size(e.artifact)]
     for engine in ENGINES.values():
         on_cpu = [name for name in runtimes_on("cpu") if REGISTRY[name].family == engine.name]
-        for variant in engine.variants:
+        for variant, every_file in [(v, False) for v in engine.variants] + [(v, True) for v in engine.file_variants]:
             varied = dataclasses.replace(options, session=tuple(variant.items()))
-            entries += [e for e in plan(bundle, on_cpu, reference, varied) if e.artifact == "model.onnx"]
+            entries += [e for e in plan(bundle, on_cpu, reference, varied)
+                        if (every_file or e.artifact == "model.onnx") and not bundle.any_size(e.artifact)]
     return entries
 
 
@@ -279,12 +281,15 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
         raise RtkError(f"{holdout_dir} must be an ImageFolder whose class folders are the bundle's classes")
     crops = calibration_crops(str(calib_dir), config.calibration_size, spec, config.seed)
     build_all(bundle, crops, inputs, config, echo)
+    if config.allow_native_code:
+        build_native(bundle, model, crops, calib_dir, echo)
     threads = config.threads or usable_cpus()
     torch.set_num_threads(threads)
     holdout = Holdout(inputs, reference_logits(model, spec, inputs.crops), holdout_dir)
     rows, passing, selftest_outputs = verify_candidates(bundle, lambda: (model, spec), holdout, threads, config, echo)
     time_candidates(passing, config, echo)
     add_baseline_speedups(rows, config.batch_sizes)
+    pytorch_native = add_pytorch_native_speedups(rows, config.batch_sizes)
     first = config.batch_sizes[0]
     ranked = sorted((r for r in rows if r["status"] == "passed"), key=lambda r: r[f"b{first}"]["p50_ms"])
     if not ranked:
@@ -292,6 +297,7 @@ def optimize_bundle(bundle_path: str | Path, config: OptimizeConfig, echo: Calla
     cpu = cpu_info().to_dict()
     recommended = recommendation(ranked[0], threads, cpu, first)
     report = _report(bundle, config, holdout, len(crops), calib_dir, threads, cpu, rows, ranked, recommended)
+    report["pytorch_native"] = pytorch_native
     chosen = selftest_outputs.get((recommended.runtime, recommended.artifact))
     if chosen is not None:  # the self-test expects what this session computed (an engine with its own key)
         key, outputs = chosen
@@ -310,6 +316,24 @@ def build_all(bundle: Bundle, crops: np.ndarray, inputs, config: OptimizeConfig,
     control = AccuracyControl(inputs.crops, inputs.labels, config.max_accuracy_drop)
     update_selftest(bundle, {selftest_key(ir, "openvino"): open_openvino(bundle.path(ir), SessionSettings(engine="openvino")).run
                              for ir in build_nncf_irs(bundle, crops, control, echo)})
+
+
+def build_native(bundle: Bundle, model, crops: np.ndarray | None, calib_dir: Path, echo,
+                 precisions: tuple[str, ...] = ("fp32", "bf16", "int8")) -> list[str]:
+    """The AOTInductor packages the bundle lacks, compiled here from the checkpoint by export's writer: fp32,
+    bf16 on a CPU with bf16 matrix units, PT2E int8 calibrated on `crops` (each skipped with the reason where
+    it cannot be built). Only with native code allowed, since verifying them loads them."""
+    from toolkit.evaluation.runners.torch_runner import compile_problem
+    from toolkit.export.exporter import add_cpu_files
+
+    problem = compile_problem("cpu")
+    if problem:
+        echo(f"not built: AOTInductor packages: {problem}")
+        return []
+    built = add_cpu_files(bundle, "aoti", precisions, model, crops, str(calib_dir), LOCK, echo)
+    for name in built:
+        echo(f"built {name} ({bundle.files[name].extra.get('exporter')})")
+    return built
 
 
 Passing = list[tuple[Any, dict[int, np.ndarray], dict[str, Any]]]  # (runner, batches to time, its row)
@@ -415,6 +439,28 @@ def add_baseline_speedups(rows: list[dict[str, Any]], batch_sizes: tuple[int, ..
                         row[f"b{b}"].update(round_ratios(base[f"b{b}"], row[f"b{b}"]))
 
 
+# the runtimes a PyTorch user has without leaving PyTorch: eager, torch.compile and PyTorch's own archives
+PYTORCH_FAMILIES = ("eager", "torch.compile", "torch.jit", "torch.export", "torch.aoti")
+
+
+def add_pytorch_native_speedups(rows: list[dict[str, Any]], batch_sizes: tuple[int, ...]) -> str | None:
+    """speedup_vs_pytorch_native of each timed row: the fastest passing PyTorch-native row's p50 (at the first
+    batch size, the one the recommendation is ranked on) over this row's, at each batch size, from the same
+    rounds. Returns that row as 'runtime on artifact', or None when no PyTorch-native candidate passed."""
+    from toolkit.evaluation.runners import REGISTRY
+
+    first = f"b{batch_sizes[0]}"
+    native = [r for r in rows if r["status"] == "passed" and first in r and REGISTRY[r["runtime"]].family in PYTORCH_FAMILIES]
+    if not native:
+        return None
+    base = min(native, key=lambda r: r[first]["p50_ms"])
+    for b in batch_sizes:
+        for row in rows:
+            if f"b{b}" in row and f"b{b}" in base:
+                row[f"b{b}"]["speedup_vs_pytorch_native"] = base[f"b{b}"]["p50_ms"] / row[f"b{b}"]["p50_ms"]
+    return f"{base['runtime']} on {base['artifact']}"
+
+
 def recommendation(best: dict[str, Any], threads: int, cpu: dict[str, Any], batch_size: int) -> Recommendation:
     """The fastest passing row as the manifest's recommendation, its figures at `batch_size`."""
     stats = best[f"b{batch_size}"]
@@ -423,7 +469,8 @@ def recommendation(best: dict[str, Any], threads: int, cpu: dict[str, Any], batc
         settings=best["settings"], session=best.get("session"),
         cpu=cpu,  # what it was chosen for: another CPU should run optimize again
         speedup_vs_onnxruntime_default=stats.get("speedup_vs_onnxruntime_default"),
-        speedup_vs_openvino_default=stats.get("speedup_vs_openvino_default"), batch_size=batch_size,
+        speedup_vs_openvino_default=stats.get("speedup_vs_openvino_default"),
+        speedup_vs_pytorch_native=stats.get("speedup_vs_pytorch_native"), batch_size=batch_size,
         p50_ms=stats["p50_ms"], speedup_vs_eager=stats.get("speedup_vs_eager"),
         speedup_vs_eager_spread=stats.get("speedup_spread"), accuracy_change_points=best["accuracy_change_points"],
         accuracy_interval_points=tuple(best["accuracy_interval_points"]))
@@ -529,7 +576,9 @@ def _footer(report: dict[str, Any]) -> str:
     spread = f" (spread {100 * rec.speedup_vs_eager_spread:.1f}% over rounds)" if rec.speedup_vs_eager_spread else ""
     against = [f"{value:.2f}x {name}{spread if key == 'speedup_vs_eager' else ''}" for key, name in (
         ("speedup_vs_eager", "eager fp32"), ("speedup_vs_onnxruntime_default", "onnxruntime's default (model.onnx, graph all)"),
-        ("speedup_vs_openvino_default", "OpenVINO's default (model.onnx, f32)")) if (value := getattr(rec, key))]
+        ("speedup_vs_openvino_default", "OpenVINO's default (model.onnx, f32)"),
+        ("speedup_vs_pytorch_native", f"the fastest PyTorch-native ({report.get('pytorch_native')})"))
+        if (value := getattr(rec, key))]
     interval = (" ({:g}% CI {:+.2f} to {:+.2f})".format(100 * report.get("confidence", 0.95), *rec.accuracy_interval_points)
                 if rec.accuracy_interval_points else "")
     p50 = f"{rec.p50_ms:.2f} ms" if rec.p50_ms is not None else "not timed"

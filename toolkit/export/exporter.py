@@ -322,6 +322,7 @@ class Job:
     contract: Callable[[Path], dict[str, Any]] | None = None  # reads the I/O contract; None: the declared one
     extra: Callable[[Path], dict[str, Any]] | None = None  # more checks; returns more manifest fields
     opset: int | None = None  # ONNX files only
+    device: str = "cpu"  # where the file runs (an AOTInductor package is compiled for one device)
 
 
 # ---------------------------------------------------------------- the writers, by core.formats writer key
@@ -408,7 +409,7 @@ def _aoti_jobs(inputs: ExportInputs, family: ArtifactFormat) -> list[Job]:
 
     def job(name: str, precision: str, module, device: str = "cpu") -> Job:
         return Job(name, family, precision, lambda p, m: aoti.write_aoti(module, inputs.example, p, m, device),
-                   "torch.export + AOTInductor (freezing)", extra=lambda p: {"device": device})
+                   "torch.export + AOTInductor (freezing)", extra=lambda p: {"device": device}, device=device)
 
     jobs = [job(cpu_fp32, "fp32", inputs.module)]
     if torch.cuda.is_available():
@@ -534,6 +535,35 @@ def export_bundle(output: str | Path, config: ExportConfig, checkpoint: str | Pa
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def add_cpu_files(bundle, fmt: str, precisions: tuple[str, ...], model, crops: np.ndarray | None, calibration: str,
+                  lock: str, echo: Callable[[str], None] = print) -> list[str]:
+    """The CPU files of format `fmt` at `precisions` that `bundle` (a toolkit.core.bundle.Bundle) lacks, written
+    and checked by export's own writer (rtk optimize's AOTInductor candidates): each is staged inside the bundle,
+    moved in under `lock`, then entered in the manifest. Returns the names written."""
+    import os
+
+    from toolkit.core.fileio import folder_lock
+    from toolkit.core.manifest import FileEntry
+
+    source, family = ModelSource.from_manifest(bundle.manifest), row(fmt)
+    config = ExportConfig(formats=(fmt,), precisions=precisions, softmax=bundle.manifest.softmax,
+                          calibration_data=calibration)
+    module = ImageClassifier(model, source.preprocess, softmax=config.softmax).eval()
+    inputs = ExportInputs(config, source, model, module, _example(source.preprocess, config.example_batch, config.seed),
+                          crops, echo)
+    written = []
+    for job in WRITERS[family.writer](inputs, family):
+        if job.device != "cpu" or job.name in bundle.files:
+            continue
+        with tempfile.TemporaryDirectory(prefix=".rtk-add-", dir=bundle.root) as staging:
+            entry = _write_checked(inputs, job, Path(staging), bundle.root)
+            with folder_lock(bundle.root, lock):
+                os.replace(Path(staging) / job.name, bundle.path(job.name))
+        bundle.add_file(job.name, FileEntry.from_dict(entry, f"{job.name}'s entry"))
+        written.append(job.name)
+    return written
 
 
 def _openvino(write: Callable[..., Any], onnx_path: Path, xml: Path, *args: Any) -> None:

@@ -44,6 +44,9 @@ class SessionSettings:
     threads: int | None = None
     graph_optimization: str = "all"  # onnxruntime: disable | basic | extended | all
     precision_hint: str = "f32"  # openvino: f32 | bf16
+    # openvino: one static-shape compile per power-of-two batch bucket (a batch is padded up to its bucket),
+    # as benchmark_app's -shape runs it, instead of one dynamic-batch compile
+    static_batch: bool = False
     tf32: bool = False  # off: fp32 parity needs full-precision matmuls (onnxruntime turns TF32 on by default)
     cuda_graph: bool = False  # onnxruntime CUDA graphs; needs IO binding with a fixed input buffer
     trt_cache: str | None = None  # TensorRT engine/timing cache folder
@@ -302,19 +305,32 @@ def open_onnxruntime(path: str | Path, settings: SessionSettings, check_placemen
 # ---------------------------------------------------------------- OpenVINO
 
 
+STATIC_BUCKETS = tuple(2 ** k for k in range(8))  # 1 ... 128: a larger batch runs in chunks of 128
+
+
+def bucket_of(batch: int) -> int:
+    """The static batch size a batch of `batch` images runs at: the smallest bucket that holds it."""
+    return next((b for b in STATIC_BUCKETS if b >= batch), STATIC_BUCKETS[-1])
+
+
 class OpenVinoBackend:
     """OpenVINO on the CPU. The compiled model is shared; each thread gets its own infer request,
-    which is not thread-safe."""
+    which is not thread-safe. With `static_batch`, `compile_static(bucket)` compiles the model for each
+    batch bucket on first use (at most len(STATIC_BUCKETS) compiles) and a batch is padded up to its bucket."""
 
     name = "openvino"
     placement = None
 
-    def __init__(self, compiled, settings: SessionSettings, path: Path) -> None:
+    def __init__(self, compiled, settings: SessionSettings, path: Path,
+                 compile_static: Callable[[int], Any] | None = None) -> None:
         self.compiled = compiled
         self.settings = settings
         self.path = path
         self.output = compiled.output(0)
         self.local = threading.local()
+        self._compile_static = compile_static
+        self._static: dict[int, Any] = {}
+        self._lock = threading.Lock()
 
     @property
     def providers(self) -> list[str]:
@@ -351,20 +367,49 @@ class OpenVinoBackend:
         import openvino as ov
 
         return {"openvino": ov.get_version(), "precision_hint": self.settings.precision_hint,
-                "threads": self.settings.threads, "compiled_precision": self.compiled_precision}
+                "threads": self.settings.threads, "compiled_precision": self.compiled_precision,
+                **({"static_batches": sorted(self._static)} if self._compile_static else {})}
 
     def placement_warning(self) -> str | None:
         return None
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        request = getattr(self.local, "request", None)
-        if request is None:
-            request = self.local.request = self.compiled.create_infer_request()
-        return np.array(request.infer({0: images})[self.output], dtype=np.float32, copy=True)
+        return self.run_all(images)[0]
 
     def run_all(self, images: np.ndarray) -> list[np.ndarray]:
-        """Every output of the model (logits, then probabilities where it has them)."""
-        return [np.asarray(v) for v in self.compiled(images).values()]
+        """Every output of the model (logits, then probabilities where it has them), float32, this call's own."""
+        if self._compile_static is None:
+            return self._infer(self.compiled, images)
+        chunks = [self._run_static(images[i:i + STATIC_BUCKETS[-1]]) for i in range(0, len(images), STATIC_BUCKETS[-1])]
+        return [np.concatenate(parts) for parts in zip(*chunks)] if len(chunks) > 1 else chunks[0]
+
+    def _run_static(self, images: np.ndarray) -> list[np.ndarray]:
+        batch = len(images)
+        bucket = bucket_of(batch)
+        if bucket > batch:  # padded with black images, whose outputs are dropped
+            images = np.concatenate([images, np.zeros((bucket - batch, *images.shape[1:]), images.dtype)])
+        return [out[:batch] for out in self._infer(self._static_model(bucket), images)]
+
+    def _static_model(self, bucket: int):
+        compiled = self._static.get(bucket)
+        if compiled is None:
+            with self._lock:
+                compiled = self._static.get(bucket)
+                if compiled is None:
+                    compiled = self._static[bucket] = self._compile_static(bucket)
+        return compiled
+
+    def _infer(self, compiled, images: np.ndarray) -> list[np.ndarray]:
+        requests = getattr(self.local, "requests", None)
+        if requests is None:
+            requests = self.local.requests = {}
+        request = requests.get(id(compiled))
+        if request is None:
+            request = requests[id(compiled)] = compiled.create_infer_request()
+        # shared: no copy of the batch into the request nor of the outputs out of it but the copies below
+        # (the request's output buffers are reused by its next call)
+        result = request.infer({0: images}, share_inputs=True, share_outputs=True)
+        return [np.array(v, dtype=np.float32, copy=True) for v in result.values()]
 
 
 def open_openvino(path: str | Path, settings: SessionSettings) -> OpenVinoBackend:
@@ -380,11 +425,24 @@ def open_openvino(path: str | Path, settings: SessionSettings) -> OpenVinoBacken
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": settings.precision_hint, "PERFORMANCE_HINT": "LATENCY"}
     if settings.threads:
         config["INFERENCE_NUM_THREADS"] = settings.threads
+    core = ov.Core()
     try:
-        compiled = ov.Core().compile_model(str(path), "CPU", config)
+        model = core.read_model(str(path))
+        compiled = core.compile_model(model, "CPU", config)
     except Exception as exc:
         raise ArtifactBroken(f"{path.name}: OpenVINO cannot load it: {first_line(exc)}") from None
-    return OpenVinoBackend(compiled, settings, path)
+    return OpenVinoBackend(compiled, settings, path, _static_compiler(core, model, config) if settings.static_batch else None)
+
+
+def _static_compiler(core, model, config: dict[str, Any]) -> Callable[[int], Any]:
+    """bucket -> the model compiled with its batch dimension fixed at `bucket` (the other dimensions as they are)."""
+    def compile_static(bucket: int):
+        static = model.clone()
+        shape = static.input(0).get_partial_shape()
+        shape[0] = bucket
+        static.reshape({static.input(0): shape})
+        return core.compile_model(static, "CPU", config)
+    return compile_static
 
 
 # ---------------------------------------------------------------- the engines
@@ -407,6 +465,7 @@ class Engine:
     own: tuple[str, ...] = ()  # the SessionSettings fields it reads beside engine, device and threads
     fallback: str | None = None  # the engine `Classifier.load(runtime="auto")` serves model.onnx on when this one cannot run
     variants: tuple[dict[str, Any], ...] = ()  # settings beside its defaults that rtk optimize also tries on model.onnx
+    file_variants: tuple[dict[str, Any], ...] = ()  # ... and on every file the engine runs
 
 
 ENGINES: dict[str, Engine] = {engine.name: engine for engine in (
@@ -419,8 +478,8 @@ ENGINES: dict[str, Engine] = {engine.name: engine for engine in (
     Engine("openvino", "OpenVINO", ("cpu",), (".onnx", ".xml"),
            lambda path, settings, check: open_openvino(path, settings),
            lambda settings: openvino_problem(settings.precision_hint),
-           lambda settings: f"precision {settings.precision_hint}",
-           own=("precision_hint",), fallback="onnxruntime"),
+           lambda settings: f"precision {settings.precision_hint}" + (", static batch" if settings.static_batch else ""),
+           own=("precision_hint", "static_batch"), fallback="onnxruntime", file_variants=({"static_batch": True},)),
 )}
 
 
