@@ -231,6 +231,15 @@ def _broken_but_fast(src, dst):
     onnx.save(model, str(dst))
 
 
+@pytest.fixture
+def no_compile(monkeypatch) -> None:
+    """The torch-compile runtimes Skipped ("not compiled in this test"): for tests about something else, whose
+    time would be mostly Inductor's compile (tests/test_torch_compile.py and the `optimized` fixture compile)."""
+    from toolkit.evaluation.runners import torch_runner
+
+    monkeypatch.setattr(torch_runner, "compile_problem", lambda device: "not compiled in this test")
+
+
 @pytest.fixture(scope="session")
 def optimized(tiny_bundle, tiny_data, tmp_path_factory):
     """`rtk optimize` on a copy of the tiny bundle (shared: test_optimize and the real Triton read it)."""
@@ -240,7 +249,8 @@ def optimized(tiny_bundle, tiny_data, tmp_path_factory):
     bundle = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("opt") / "b", files=("model.onnx", "model.fp16.onnx", "model.int8.onnx"))
     _broken_but_fast(bundle / "model.onnx", bundle / "model.fp16.onnx")
     reseal(bundle, "model.fp16.onnx")
-    config = OptimizeConfig(calibration_data=str(tiny_data), batch_sizes=(1, 2), threads=1, **QUICK,
+    # 3 interleaved rounds, not 10: the timing of ~30 candidates was half the fixture's time
+    config = OptimizeConfig(calibration_data=str(tiny_data), batch_sizes=(1, 2), threads=1, **QUICK, rounds=3,
                             recipes=(QuantRecipe(), QuantRecipe(reduce_range=True), QuantRecipe(activations="s8"), QuantRecipe(weights="u8"),
                                      QuantRecipe(format="qoperator", weights="u8", per_channel=False)))
     report = optimize_bundle(bundle, config, echo=lambda s: None)

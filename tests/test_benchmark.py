@@ -74,11 +74,7 @@ def test_config_validation():
     assert BenchConfig(cuda_graph=True, batch_sizes=(8,)).cuda_graph
 
 
-def test_benchmark_structure_percentiles_skips_and_threads(tiny_bundle, tmp_path, monkeypatch):
-    from toolkit.evaluation.runners import torch_runner
-
-    # torch-compile is timed in tests/test_torch_compile.py; here its compile would be most of the test's time
-    monkeypatch.setattr(torch_runner, "compile_problem", lambda device: "not compiled in this test")
+def test_benchmark_structure_percentiles_skips_and_threads(tiny_bundle, tmp_path, no_compile):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b", files=("model.onnx", "model.int8.onnx", "model.ts"))
     result = rtk("benchmark", bundle, *FAST, "--batch-size", "1", "--batch-size", "4", "--threads", "1",
                  "--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv", "--markdown", tmp_path / "r.md")
@@ -102,6 +98,7 @@ def test_benchmark_structure_percentiles_skips_and_threads(tiny_bundle, tmp_path
     assert all(r["details"]["threads"] == 1 for r in ort)
     skipped = [r for r in report["results"] if r["skipped"]]
     assert skipped and all(r["reason"] for r in skipped)
+    assert any(r["runtime"] == "torch-compile" and r["reason"] == "not compiled in this test" for r in skipped)
     if not any(r["runtime"] == "ort-cuda" and not r["skipped"] for r in report["results"]):
         assert any(r["runtime"] == "ort-cuda" and "CUDAExecutionProvider" in r["reason"] for r in skipped)
     assert (tmp_path / "r.csv").read_text().startswith("runtime,artifact,precision,input,batch,")
