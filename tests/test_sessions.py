@@ -170,3 +170,15 @@ def test_openvino_static_batch_matches_the_dynamic_model_at_every_batch(tiny_bun
     first = static.run(images[:1])
     static.run(images[:2])[0][0] = 1e9  # a caller's change to a result is not seen by the next call
     np.testing.assert_array_equal(static.run(images[:1]), first)
+
+
+def test_a_file_whose_batch_cannot_be_fixed_is_one_line(tiny_bundle):
+    pytest.importorskip("openvino")
+    from toolkit.serving.sessions import open_openvino
+
+    static = open_openvino(tiny_bundle / "model.onnx", SessionSettings(engine="openvino", threads=1, static_batch=True))
+    # the compiler holds the model it read: give its input a rank no image batch can be fixed on
+    model = next(c.cell_contents for c in static._compile_static.__closure__ if hasattr(c.cell_contents, "reshape"))
+    model.input(0).get_node().set_partial_shape(__import__("openvino").PartialShape([2, 3]))
+    with pytest.raises(ArtifactBroken, match="model.onnx: OpenVINO cannot compile it for batch 1"):
+        static.run(np.zeros((1, 32, 32, 3), np.uint8))

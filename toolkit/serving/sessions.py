@@ -431,17 +431,21 @@ def open_openvino(path: str | Path, settings: SessionSettings) -> OpenVinoBacken
         compiled = core.compile_model(model, "CPU", config)
     except Exception as exc:
         raise ArtifactBroken(f"{path.name}: OpenVINO cannot load it: {first_line(exc)}") from None
-    return OpenVinoBackend(compiled, settings, path, _static_compiler(core, model, config) if settings.static_batch else None)
+    return OpenVinoBackend(compiled, settings, path,
+                           _static_compiler(core, model, config, path) if settings.static_batch else None)
 
 
-def _static_compiler(core, model, config: dict[str, Any]) -> Callable[[int], Any]:
+def _static_compiler(core, model, config: dict[str, Any], path: Path) -> Callable[[int], Any]:
     """bucket -> the model compiled with its batch dimension fixed at `bucket` (the other dimensions as they are)."""
     def compile_static(bucket: int):
         static = model.clone()
         shape = static.input(0).get_partial_shape()
         shape[0] = bucket
-        static.reshape({static.input(0): shape})
-        return core.compile_model(static, "CPU", config)
+        try:
+            static.reshape({static.input(0): shape})
+            return core.compile_model(static, "CPU", config)
+        except Exception as exc:  # a file whose batch cannot be fixed: one line, as at open
+            raise ArtifactBroken(f"{path.name}: OpenVINO cannot compile it for batch {bucket}: {first_line(exc)}") from None
     return compile_static
 
 
