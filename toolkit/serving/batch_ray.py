@@ -48,6 +48,7 @@ from toolkit.serving.batch import (
 )
 
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+ACTOR_START_S = 300  # the longest wait for the actor pool (a cluster may add nodes first)
 NODE_COLUMN = "_rtk_node"  # which node predicted a row: counted by the driver, never written
 
 
@@ -160,6 +161,9 @@ def _predict_on_ray(folder: OutputFolder, plan: PartPlan, files: list[str], bund
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows come back in input order: parts close one by one
     context.enable_progress_bars = False
+    # no block goes out before every actor is up: else the first actor ready takes the queue and the
+    # others (another node's) may get nothing; a pool the cluster cannot place stops the job with a line
+    context.wait_for_min_actors_s = ACTOR_START_S
     with warnings.catch_warnings():  # 2.60 names no parameter for the strategy yet (ray_remote_args until 2.64)
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         # one block per plan file (a part), read by the actor: read_parquet merges small files into one
