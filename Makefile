@@ -37,8 +37,14 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check toolkit tests benchmarks
 
+# one pytest worker a core (CI's 2): the suite is mostly one busy thread at a time. --dist loadfile keeps each
+# module on one worker (tests/conftest.py joins the modules sharing a costly fixture); --no-loadscope-reorder
+# keeps conftest's order, the longest units first
+TEST_WORKERS ?= 2
+PYTEST_WORKERS := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q --rtk-write-bundles $(TEST_BUNDLES)
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) --rtk-write-bundles=$(TEST_BUNDLES)
 	$(MAKE) --no-print-directory test-serving
 
 # The serving tests where services run: a venv torch cannot be imported in (checked first, so the run cannot

@@ -67,7 +67,42 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return "pytest.mark.serving" not in collection_path.read_text()
 
 
+# Under pytest-xdist `make test` runs 2 workers with --dist loadfile: a module's tests stay on one worker, so
+# its module fixtures are built once. These modules share the expensive session fixture `optimized`, so they are
+# one unit of work, and it goes out first: the longest unit last would leave one worker alone with it.
+# (A module that uses `optimized` and is not listed still passes: that worker builds the fixture again.)
+SHARED_UNITS = {"optimized": ("tests/test_optimize.py", "tests/test_torch_compile.py", "tests/test_triton_server.py")}
+FIRST = ("tests/test_demo.py", "tests/test_aoti.py")  # the next longest modules (~70 and ~80 s on one core)
+
+
+def unit_of(nodeid: str) -> str:
+    """The unit of work a test belongs to under `--dist loadfile`: its module, or the shared unit holding it."""
+    module = nodeid.split("::", 1)[0]
+    return next((name for name, modules in SHARED_UNITS.items() if module in modules), module)
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile` with the modules of SHARED_UNITS as one unit (xdist's own scheduler otherwise)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtureUnits(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return SharedFixtureUnits(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # units go out in collection order (--no-loadscope-reorder)
+        first = (*SHARED_UNITS, *FIRST)
+        items.sort(key=lambda item: first.index(u) if (u := unit_of(item.nodeid)) in first else len(first))
+    skip_without_torch_stack(items)
+
+
+def skip_without_torch_stack(items: list[pytest.Item]) -> None:
     """Without the torch stack, a serving module's tests marked `torch_stack` skip, saying why."""
     missing = [m for m in TORCH_STACK if importlib.util.find_spec(m) is None]
     if not missing:
@@ -190,7 +225,12 @@ def tiny_bundle(request: pytest.FixtureRequest, tmp_path_factory) -> Path:
         return Path(shutil.copytree(prebuilt(CACHED_BUNDLE), out))
     build_bundle(request.getfixturevalue("tiny_run"), request.getfixturevalue("tiny_data"), out)
     if cache := request.config.getoption("--rtk-write-bundles"):
-        write_bundles(request.config.invocation_params.dir / cache, out)  # before any test changes it
+        root = request.config.invocation_params.dir / cache
+        root.mkdir(parents=True, exist_ok=True)
+        from filelock import FileLock  # every xdist worker builds its own bundle: one writes at a time
+
+        with FileLock(root.with_name(root.name + ".lock")):
+            write_bundles(root, out)  # before any test changes it
     return out
 
 

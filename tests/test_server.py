@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import BLOCK_TORCH, copy_bundle
+from tests.ports import free_port
 
 httpclient = pytest.importorskip("tritonclient.http", reason="the serve tests need tritonclient[http] (dev extra)")
 pytest.importorskip("fastapi", reason="the serve tests need the serve extra")
@@ -30,12 +31,6 @@ from toolkit.serving.classifier import Classifier  # noqa: E402
 from toolkit.serving.server import ServeConfig, create_app, model_info, uvicorn_config  # noqa: E402
 
 pytestmark = pytest.mark.serving
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

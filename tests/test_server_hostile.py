@@ -29,7 +29,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import copy_bundle
-from tests.test_server import free_port, http, running
+from tests.ports import free_port
+from tests.test_server import http, running
 
 pytestmark = pytest.mark.serving
 

@@ -307,7 +307,8 @@ def test_rtk_serve_with_trust_serves_a_signed_bundle(signed, keys, tmp_path, tin
 @pytest.mark.parametrize("problem", ["unsigned", "tampered"])
 def test_rtk_serve_with_trust_never_becomes_ready_on_a_refused_bundle(signed, tiny_bundle, keys, tmp_path, problem):
     pytest.importorskip("fastapi", reason="needs the serve extra")
-    from tests.test_server import free_port, http_ready
+    from tests.ports import free_port
+    from tests.test_server import http_ready
 
     if problem == "unsigned":
         bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import TRAIN_ARGS, copy_bundle, error_line, rtk
-from tests.triton_local import TritonServer, free_port, triton_problem
+from tests.ports import free_port
+from tests.triton_local import TritonServer, triton_problem
 
 pytestmark = pytest.mark.skipif(triton_problem() is not None, reason=str(triton_problem()))
 httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient (dev extra)")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HOME = Path(os.environ.get("TRITON_HOME", ROOT / "artifacts" / "triton"))
@@ -27,12 +28,6 @@ def triton_problem() -> str | None:
     if not (BACKENDS / "onnxruntime" / "libtriton_onnxruntime.so").is_file():
         return f"no onnxruntime backend in {BACKENDS}: run `bash .ci/build-triton.sh` (make triton)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
