@@ -226,7 +226,7 @@ def tiny_bundle(request: pytest.FixtureRequest, tmp_path_factory) -> Path:
     build_bundle(request.getfixturevalue("tiny_run"), request.getfixturevalue("tiny_data"), out)
     if cache := request.config.getoption("--rtk-write-bundles"):
         root = request.config.invocation_params.dir / cache
-        root.mkdir(parents=True, exist_ok=True)
+        root.parent.mkdir(parents=True, exist_ok=True)  # for the lock file beside `root`
         from filelock import FileLock  # every xdist worker builds its own bundle: one writes at a time
 
         with FileLock(root.with_name(root.name + ".lock")):

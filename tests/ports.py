@@ -19,7 +19,8 @@ def _worker() -> int:
     return int(name[2:]) if name[2:].isdigit() else 0
 
 
-_candidates = iter(range(FIRST + _worker() * SPAN, FIRST + (_worker() + 1) * SPAN))
+_start = FIRST + _worker() * SPAN
+_candidates = iter(range(_start, _start + SPAN))
 
 
 def free_port() -> int:
