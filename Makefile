@@ -52,7 +52,7 @@ test: $(STAMP) lint
 test-serving: $(SERVE_STAMP) $(TEST_BUNDLES)/READY
 	@if $(SERVE_BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "torch is importable in $(SERVE_VENV): the serving tests must run without it" >&2; exit 1; fi
-	RTK_TEST_BUNDLES=$(TEST_BUNDLES) $(SERVE_BIN)/python -m pytest -q -m serving
+	RTK_TEST_BUNDLES=$(TEST_BUNDLES) $(SERVE_BIN)/python -m pytest -q -m serving $(PYTEST_WORKERS)
 
 # Deliberate bugs in the modules the proof rests on, each run against its tests (not part of `make test`:
 # ~30 min on 2 CPUs); writes benchmarks/results/mutate-<cpu>.md
